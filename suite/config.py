@@ -1,0 +1,304 @@
+"""Experiment and sweep configuration: YAML → frozen dataclasses, strictly validated.
+
+Precedence, lowest first: dataclass defaults < experiment file < sweep ``set`` <
+sweep axis value < ``--set key=value`` overrides. Every key is dotted
+(``deq.solver``, ``data.image``). Unknown keys, wrong types and out-of-range
+values raise :class:`ConfigError` (a ``ValueError``) naming the key, the value
+received and what is allowed — before anything is launched.
+
+Example::
+
+    cfg = load_config("configs/experiments/crr.yaml", overrides=["deq.solver=broyden"])
+    cfg.deq.solver        # 'broyden'
+    flatten(cfg)["train.epochs"]
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, get_args, get_origin, get_type_hints
+
+import yaml
+
+FAMILIES = ("deq_inr", "crr", "deprox")
+SOLVERS = ("anderson", "broyden", "fixed_point_iter")
+
+
+class ConfigError(ValueError):
+    """A configuration value was refused; the message names key, value and what is allowed."""
+
+
+def _choice(default: Any, choices: Sequence[Any]) -> Any:
+    return field(default=default, metadata={"choices": tuple(choices)})
+
+
+def _range(default: Any, lo: float | None = None, hi: float | None = None) -> Any:
+    return field(default=default, metadata={"min": lo, "max": hi})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What is fitted or reconstructed.
+
+    ``image`` is a scikit-image sample (``astronaut``, ``camera``) or a path to an
+    image file; it is converted to grey and resized to ``size`` × ``size``.
+    """
+
+    image: str = "camera"
+    size: int = _range(64, 4, 4096)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The DEQ-INR: a multiplicative filter network solved to a fixed point."""
+
+    filter: str = _choice("fourier", ("fourier", "gabor"))
+    hidden: int = _range(64, 1, 8192)
+    n_layers: int = _range(1, 1, 64)
+    input_scale: float = _range(32.0, 0.0, 1e6)
+    gabor_alpha: float = _range(6.0, 0.0, 1e6)
+    norm: str = _choice("weight_norm", ("none", "weight_norm", "spectral_norm"))
+
+
+@dataclass(frozen=True)
+class DEQConfig:
+    """The fixed-point solver and the gradient (torchdeq's options, validated)."""
+
+    solver: str = _choice("anderson", SOLVERS)
+    f_max_iter: int = _range(30, 1, 10000)
+    f_tol: float = _range(1e-3, 0.0, 1.0)
+    b_solver: str = _choice("fixed_point_iter", SOLVERS)
+    b_max_iter: int = _range(30, 1, 10000)
+    b_tol: float = _range(1e-6, 0.0, 1.0)
+    grad: str = _choice("ift", ("ift", "phantom"))
+    phantom_steps: int = _range(1, 1, 100)
+    tau: float = _range(1.0, 0.0, 10.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation of the (stage-1) model.
+
+    ``batch_size`` −1 trains full-batch (every pixel each step); a positive value
+    trains on shuffled mini-batches of that many pixels, one epoch = one pass.
+    """
+
+    epochs: int = _range(100, 0, 10**7)
+    lr: float = _range(1e-3, 0.0, 10.0)
+    batch_size: int = _range(-1, -1, 10**9)
+    eval_every: int = _range(1, 1, 10**7)
+    ckpt_every: int = _range(50, 1, 10**7)
+    device: str = _choice("auto", ("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class CRRConfig:
+    """Stage 2 of Conservative Residual Refinement: the shallow refiner.
+
+    The refiner sees (Fourier features of the coordinates, frozen DEQ output) and
+    predicts ``y_gt − y_deq``; its last layer starts at N(0, ``init_std``).
+    """
+
+    epochs: int = _range(300, 0, 10**7)
+    lr: float = _range(1e-3, 0.0, 10.0)
+    hidden: int = _range(64, 1, 8192)
+    n_layers: int = _range(2, 1, 64)
+    init_std: float = _range(1e-5, 0.0, 1.0)
+    n_features: int = _range(64, 0, 8192)
+    feature_scale: float = _range(10.0, 0.0, 1e6)
+    keep_best: bool = True
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One fully resolved experiment (a cell, once the seed is fixed)."""
+
+    name: str = "default"
+    family: str = _choice("crr", FAMILIES)
+    seed: int = _range(0, 0, 2**31 - 1)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    deq: DEQConfig = field(default_factory=DEQConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    crr: CRRConfig = field(default_factory=CRRConfig)
+
+
+# --------------------------------------------------------------------- dicts
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flattens a config dataclass or nested mapping to dotted keys.
+
+    Args:
+        obj: an :class:`ExperimentConfig` (or any nested dataclass / mapping).
+        prefix: prepended to every key.
+
+    Returns:
+        ``{"data.image": "camera", "train.epochs": 100, ...}``.
+    """
+    if is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Nested plain-dict form of a config (what is saved to YAML and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """Stable 12-hex-digit identity of a resolved config; key order does not matter."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Sets ``tree["a"]["b"] = value`` for ``key="a.b"``, creating sub-dicts."""
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"key {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """Parses ``["a.b=3", "c=x"]`` (``--set``) into ``{"a.b": 3, "c": "x"}`` with YAML typing."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML mapping; a missing file or a non-mapping is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open() as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+# ------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
+    """Checks one leaf value against its declared type, choices and range."""
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a bool (true/false), got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an int, got {value!r} ({type(value).__name__})")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r} ({type(value).__name__})")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r} ({type(value).__name__})")
+    elif get_origin(tp) is tuple:
+        (inner, *_rest) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        value = tuple(_coerce(f"{key}[{i}]", v, inner, {}) for i, v in enumerate(value))
+    else:  # pragma: no cover - schema error, not user error
+        raise TypeError(f"{key}: unsupported schema type {_type_name(tp)}")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: invalid value {value!r}; allowed: {', '.join(map(str, choices))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise ConfigError(f"{key}: value {value!r} out of range [{lo}, {hi}]")
+    return value
+
+
+def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Builds dataclass ``cls`` from a nested mapping, refusing unknown keys.
+
+    Args:
+        cls: the dataclass to build (e.g. :class:`ExperimentConfig`).
+        data: nested mapping; missing keys take the defaults.
+        prefix: dotted path of ``data`` for error messages.
+
+    Raises:
+        ConfigError: unknown key, wrong type, invalid choice or out-of-range value.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix + unknown[0]!r} (value {data[unknown[0]]!r}); "
+            f"valid keys{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if is_dataclass(tp):
+            kwargs[name] = build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, tp, known[name].metadata)
+    return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Returns a deep copy of nested ``base`` with dotted ``flat`` keys applied."""
+    out = copy.deepcopy(base)
+    for key, value in flat.items():
+        set_dotted(out, key, value)
+    return out
+
+
+def load_config(
+    source: str | Path | Mapping[str, Any] | None = None,
+    overrides: Iterable[str] | Mapping[str, Any] = (),
+) -> ExperimentConfig:
+    """Loads and validates an experiment config.
+
+    Args:
+        source: a YAML path, a nested mapping, or None for the defaults.
+        overrides: ``--set`` strings (``"a.b=3"``) or a dotted mapping, applied last.
+
+    Returns:
+        The frozen, validated :class:`ExperimentConfig`.
+    """
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, Mapping):
+        data = copy.deepcopy(dict(source))
+    else:
+        data = read_yaml(source)
+    flat = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    return build(ExperimentConfig, merge(data, flat))
+
+
+def replace(cfg: ExperimentConfig, **dotted: Any) -> ExperimentConfig:
+    """Returns ``cfg`` with dotted keys replaced (validated): ``replace(cfg, **{"train.epochs": 3})``."""
+    return build(ExperimentConfig, merge(to_dict(cfg), dotted))

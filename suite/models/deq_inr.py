@@ -1,0 +1,142 @@
+"""DEQ-INR: an implicit neural representation whose hidden state is a fixed point.
+
+A multiplicative filter network (Fathony et al. 2021) made implicit, following
+TorchDEQ's deq-zoo ``deq-inr``: the coordinates ``x`` give filters
+``u_0..u_L = g(x)`` (Fourier: ``sin(Wx + b)``; Gabor: the same times a Gaussian
+envelope), and the hidden state solves
+
+    z* = f(z*, u),   f(z, u) = (W_L(... (W_1 (z + u_0) + b_1) ⊙ u_1 ...) + b_L) ⊙ u_L
+
+with torchdeq. Output = ``Linear(z*)``. All tensors are real.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torchdeq import get_deq
+from torchdeq.norm import apply_norm, reset_norm
+
+from suite.config import DEQConfig, ModelConfig
+
+
+class FilterBank(nn.Module):
+    """Coordinate filters ``u_0..u_L`` of a multiplicative filter network.
+
+    Args:
+        in_dim: coordinate dimension (2 for images).
+        hidden: width of each filter.
+        n_filters: number of filters (``n_layers + 1``).
+        kind: ``fourier`` or ``gabor``.
+        scale: input frequency scale (split evenly over the filters' product).
+        gabor_alpha: shape of the Gamma prior of the Gabor envelopes' precision.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, n_filters: int, kind: str, scale: float, gabor_alpha: float) -> None:
+        super().__init__()
+        if kind not in ("fourier", "gabor"):
+            raise ValueError(f"model.filter: invalid value {kind!r}; allowed: fourier, gabor")
+        self.kind, self.n_filters = kind, n_filters
+        self.linear = nn.Linear(in_dim, hidden * n_filters)
+        scale = scale / math.sqrt(n_filters)
+        with torch.no_grad():
+            self.linear.bias.uniform_(-math.pi, math.pi)
+            if kind == "gabor":
+                gamma = torch.distributions.Gamma(gabor_alpha, 1.0).sample((hidden * n_filters,))
+                self.gamma = nn.Parameter(gamma)
+                self.mu = nn.Parameter(torch.rand(hidden * n_filters, in_dim) * 2 - 1)
+                self.linear.weight.mul_(scale * gamma.sqrt()[:, None])
+            else:
+                self.linear.weight.mul_(scale)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(N, in_dim)`` coordinates → ``n_filters`` tensors of shape ``(N, hidden)``."""
+        u = torch.sin(self.linear(x))
+        if self.kind == "gabor":
+            d2 = (x.square().sum(-1, keepdim=True) - 2 * x @ self.mu.T + self.mu.square().sum(-1)).clamp_min(0)
+            u = u * torch.exp(-0.5 * self.gamma * d2)
+        return u.chunk(self.n_filters, dim=-1)
+
+
+class MFNCell(nn.Module):
+    """The implicit function ``f(z, u)`` of the DEQ-INR (see module docstring)."""
+
+    def __init__(self, hidden: int, n_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(n_layers))
+        bound = math.sqrt(1.0 / hidden)
+        for layer in self.layers:
+            nn.init.uniform_(layer.weight, -bound, bound)
+
+    def forward(self, z: torch.Tensor, u: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``z`` ``(N, hidden)``, ``u`` filters ``(N, hidden)`` each → ``(N, hidden)``."""
+        z = z + u[0]
+        for layer, ui in zip(self.layers, u[1:]):
+            z = layer(z) * ui
+        return z
+
+
+def deq_kwargs(deq: DEQConfig) -> dict[str, Any]:
+    """torchdeq ``get_deq`` arguments for a validated :class:`DEQConfig`."""
+    return dict(
+        core="sliced",
+        f_solver=deq.solver,
+        f_max_iter=deq.f_max_iter,
+        f_tol=deq.f_tol,
+        b_solver=deq.b_solver,
+        b_max_iter=deq.b_max_iter,
+        b_tol=deq.b_tol,
+        ift=deq.grad == "ift",
+        grad=deq.phantom_steps,
+        tau=deq.tau,
+    )
+
+
+class DEQINR(nn.Module):
+    """Coordinates → intensity through a DEQ layer solved by torchdeq.
+
+    Args:
+        model: filter, width, depth, input scale and weight normalisation.
+        deq: solver, tolerances, iterations and gradient (IFT or phantom).
+        in_dim: coordinate dimension.
+        out_dim: output channels (1 for grey).
+    """
+
+    def __init__(self, model: ModelConfig, deq: DEQConfig, in_dim: int = 2, out_dim: int = 1) -> None:
+        super().__init__()
+        self.hidden = model.hidden
+        self.filters = FilterBank(in_dim, model.hidden, model.n_layers + 1, model.filter, model.input_scale, model.gabor_alpha)
+        self.f = MFNCell(model.hidden, model.n_layers)
+        self.norm = model.norm
+        if model.norm != "none":
+            apply_norm(self.f, norm_type=model.norm)
+        self.deq = get_deq(**deq_kwargs(deq))
+        self.head = nn.Linear(model.hidden, out_dim)
+        self.last_bwd_nstep = 0.0
+
+    def _bwd_writer(self, info: dict) -> None:
+        self.last_bwd_nstep = float(info["nstep"].float().mean())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Solves for the fixed point and decodes it.
+
+        Args:
+            x: ``(N, in_dim)`` coordinates in [-1, 1].
+
+        Returns:
+            ``(N, out_dim)`` prediction in model space ([-1, 1] for images) and the
+            solver statistics ``nstep``, ``abs_lowest``, ``rel_lowest`` (batch means;
+            in eval mode also ``rel_trace``, the relative residual per solver step).
+        """
+        u = self.filters(x)
+        if self.norm != "none":
+            reset_norm(self.f)
+        z0 = torch.zeros(x.shape[0], self.hidden, device=x.device, dtype=x.dtype)
+        z_out, info = self.deq(lambda z: self.f(z, u), z0, backward_writer=self._bwd_writer)
+        stats: dict[str, Any] = {k: float(info[k].float().mean()) for k in ("nstep", "abs_lowest", "rel_lowest")}
+        if not self.training:
+            stats["rel_trace"] = info["rel_trace"].float().mean(0).tolist()
+        return self.head(z_out[-1]), stats

@@ -1,0 +1,290 @@
+"""Training of DEQ-INR and CRR (stage 1: DEQ-INR; stage 2: residual refiner).
+
+Per epoch the tracker receives, with the global epoch as step: ``loss``,
+``psnr`` (every ``train.eval_every`` epochs), ``solver/fwd_nstep``,
+``solver/bwd_nstep``, ``solver/abs_lowest``, ``solver/rel_lowest``,
+``time/epoch_s``, and ``stage``. At the end: ``psnr``, ``ssim``, ``nmse``,
+``vif``, ``hfe``, ``sr``, ``mem/peak_mb``, ``time/total_s`` (CRR also
+``stage1/psnr`` and ``crr/gain_db``) and artifacts: reconstruction and residual
+PNGs, ``metrics.json`` and ``solver_trace.json``.
+
+Resuming: a checkpoint holds the stage, the next epoch, model/optimiser/RNG
+state and the accumulated wall time, so an interrupted run continues where it
+stopped and ends with the same numbers as an uninterrupted one (CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from suite import metrics as M
+from suite.config import ExperimentConfig
+from suite.data.images import ImageData, pixels_to_image
+from suite.training.checkpoint import Checkpointer
+from suite.training.common import peak_memory_mb, pick_device, reset_peak_memory, rng_state, set_rng_state
+from suite.training.tracker import Tracker
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss (a diverging solver, too large a learning rate)."""
+
+
+@dataclass
+class Progress:
+    """Where a run is: stage (1 or 2), next epoch within the stage, wall time so far."""
+
+    stage: int = 1
+    epoch: int = 0
+    elapsed: float = 0.0
+    best: dict[str, Any] = field(default_factory=dict)
+
+
+def _psnr(pred_img: torch.Tensor, data: ImageData) -> float:
+    return float(M.psnr(pred_img, data.image)[0])
+
+
+@torch.no_grad()
+def predict_image(fn: Callable[[torch.Tensor], torch.Tensor], data: ImageData, chunk: int = 1 << 18) -> torch.Tensor:
+    """Evaluates a pixel model over the whole grid.
+
+    Args:
+        fn: ``(N, 2)`` coordinates → ``(N, 1)`` prediction in [-1, 1].
+        data: the image being fitted.
+        chunk: pixels per forward pass (bounds memory at 512×512 and up).
+
+    Returns:
+        ``(1, 1, H, W)`` prediction in [0, 1].
+    """
+    out = torch.cat([fn(data.coords[i : i + chunk]) for i in range(0, data.coords.shape[0], chunk)])
+    return pixels_to_image(out, *data.shape)
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator, device: torch.device) -> list[torch.Tensor | None]:
+    """Index batches of one epoch; ``[None]`` means full batch."""
+    if batch_size < 0 or batch_size >= n:
+        return [None]
+    perm = torch.randperm(n, generator=gen).to(device)
+    return list(perm.split(batch_size))
+
+
+def _check_finite(loss: torch.Tensor, stage: int, epoch: int) -> None:
+    if not torch.isfinite(loss):
+        raise DivergedError(
+            f"non-finite loss ({float(loss)}) at stage {stage}, epoch {epoch}: the solver or the "
+            "optimisation diverged (try a smaller train.lr, deq.solver=anderson, or model.norm=weight_norm)"
+        )
+
+
+def _deq_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: ImageData, batches: list, stage: int, epoch: int) -> dict[str, float]:
+    """One epoch of stage 1; returns loss and solver statistics averaged over batches."""
+    model.train()
+    sums: dict[str, float] = {}
+    for idx in batches:
+        x = data.coords if idx is None else data.coords[idx]
+        y = data.target if idx is None else data.target[idx]
+        pred, stats = model(x)
+        loss = torch.mean((pred - y) ** 2)
+        _check_finite(loss, stage, epoch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        row = {
+            "loss": float(loss),
+            "solver/fwd_nstep": stats["nstep"],
+            "solver/bwd_nstep": getattr(model, "last_bwd_nstep", 0.0),
+            "solver/abs_lowest": stats["abs_lowest"],
+            "solver/rel_lowest": stats["rel_lowest"],
+        }
+        for k, v in row.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return {k: v / len(batches) for k, v in sums.items()}
+
+
+def _refiner_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: ImageData, y_deq: torch.Tensor, batches: list, epoch: int) -> dict[str, float]:
+    """One epoch of CRR stage 2 (the DEQ is frozen; its output is cached in ``y_deq``)."""
+    model.train()
+    total = 0.0
+    for idx in batches:
+        x = data.coords if idx is None else data.coords[idx]
+        y = data.target if idx is None else data.target[idx]
+        yd = y_deq if idx is None else y_deq[idx]
+        loss = torch.mean((model(x, yd) - y) ** 2)
+        _check_finite(loss, 2, epoch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss)
+    return {"loss": total / len(batches)}
+
+
+def final_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Image quality of a final ``(1, 1, H, W)`` output against its ground truth."""
+    return {
+        "psnr": float(M.psnr(pred, target)[0]),
+        "ssim": float(M.ssim(pred, target)[0]),
+        "nmse": float(M.nmse(pred, target)[0]),
+        "vif": float(M.vif(pred, target)[0]),
+        "hfe": float(M.hfe(pred, target)[0]),
+        "sr": float(M.significant_residuals(pred, target)[0]),
+    }
+
+
+def _save_png(img: torch.Tensor, path: Path) -> Path:
+    import skimage.io
+
+    arr = (img.squeeze().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    skimage.io.imsave(path, arr, check_contrast=False)
+    return path
+
+
+def _write_artifacts(outdir: Path, tracker: Tracker, pred: torch.Tensor, data: ImageData, results: dict, trace: dict) -> None:
+    """Reconstruction, residual map (scaled to its max), metrics and solver traces."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    residual = M.residual_map(pred, data.image)
+    paths = [
+        _save_png(pred, outdir / "reconstruction.png"),
+        _save_png(residual / residual.max().clamp_min(1e-12), outdir / "residual.png"),
+        _save_png(data.image, outdir / "ground_truth.png"),
+    ]
+    torch.save({"reconstruction": pred.cpu(), "ground_truth": data.image.cpu()}, outdir / "images.pt")
+    paths.append(outdir / "images.pt")
+    for name, obj in (("metrics.json", results), ("solver_trace.json", trace)):
+        (outdir / name).write_text(json.dumps(obj, indent=2))
+        paths.append(outdir / name)
+    for p in paths:
+        tracker.log_artifact(p)
+
+
+def fit_inr(
+    cfg: ExperimentConfig,
+    model: nn.Module,
+    data: ImageData,
+    tracker: Tracker,
+    ckpt: Checkpointer | None = None,
+    outdir: str | Path | None = None,
+) -> dict[str, float]:
+    """Fits a DEQ-INR (family ``deq_inr``) or a CRR model (family ``crr``).
+
+    Args:
+        cfg: the resolved experiment.
+        model: :class:`~suite.models.deq_inr.DEQINR` or :class:`~suite.models.crr.CRR`.
+        data: the image (see :func:`suite.data.images.image_data`).
+        tracker: receives metrics (see module docstring) and artifacts.
+        ckpt: checkpoint manager; resumes from its newest checkpoint if any.
+        outdir: where artifacts are written (None: no artifacts).
+
+    Returns:
+        The final metrics (also logged).
+
+    Raises:
+        DivergedError: the loss became non-finite.
+    """
+    is_crr = cfg.family == "crr"
+    device = pick_device(cfg.train.device)
+    model.to(device)
+    data = data.to(device)
+    deq = model.deq if is_crr else model
+    gen = torch.Generator().manual_seed(cfg.seed)
+    prog = Progress()
+    opt = torch.optim.Adam(deq.parameters(), lr=cfg.train.lr)
+    state = ckpt.latest() if ckpt else None
+    if state is not None:
+        prog = Progress(**state["progress"])
+        model.load_state_dict(state["model"])
+        gen.set_state(state["gen"])
+        set_rng_state(state["rng"])
+        if prog.stage == 1:
+            opt.load_state_dict(state["opt"])
+    reset_peak_memory(device)
+    t_start = time.perf_counter() - prog.elapsed
+
+    def checkpoint(opt_: torch.optim.Optimizer, step: int) -> None:
+        prog.elapsed = time.perf_counter() - t_start
+        ckpt.save(
+            {"progress": vars(prog).copy(), "model": model.state_dict(), "opt": opt_.state_dict(),
+             "gen": gen.get_state(), "rng": rng_state()},
+            step,
+        )
+
+    deq_fn = lambda x: deq(x)[0]  # noqa: E731
+    e1 = cfg.train.epochs
+    if prog.stage == 1:
+        for epoch in range(prog.epoch, e1):
+            t0 = time.perf_counter()
+            row = _deq_epoch(deq, opt, data, _batches(data.coords.shape[0], cfg.train.batch_size, gen, device), 1, epoch)
+            row["time/epoch_s"] = time.perf_counter() - t0
+            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == e1:
+                deq.eval()
+                row["psnr"] = _psnr(predict_image(deq_fn, data), data)
+            tracker.log_metrics({**row, "stage": 1.0}, step=epoch)
+            prog.epoch = epoch + 1
+            if ckpt and ckpt.due(prog.epoch) and prog.epoch < e1 + (cfg.crr.epochs if is_crr else 0):
+                checkpoint(opt, prog.epoch)
+        deq.eval()
+        mem_train = peak_memory_mb(device)
+        prog.best["stage1_mem"] = mem_train
+
+    deq.eval()
+    with torch.no_grad():
+        y_deq_pix = torch.cat([deq(data.coords[i : i + (1 << 18)])[0] for i in range(0, data.coords.shape[0], 1 << 18)])
+        _, stats = deq(data.coords[: min(4096, data.coords.shape[0])])
+    stage1_img = pixels_to_image(y_deq_pix, *data.shape)
+    stage1_psnr = _psnr(stage1_img, data)
+    trace = {"eval_rel_trace": stats["rel_trace"], "eval_nstep": stats["nstep"]}
+    final_img = stage1_img
+
+    if is_crr:
+        model.freeze_deq()
+        e2 = cfg.crr.epochs
+        opt2 = torch.optim.Adam(model.refiner.parameters(), lr=cfg.crr.lr)
+        if prog.stage == 1:
+            prog.stage, prog.epoch = 2, 0
+            prog.best = {**prog.best, "psnr": stage1_psnr, "epoch": -1, "state": None}
+        elif state is not None:
+            opt2.load_state_dict(state["opt"])
+        refine_fn = lambda x: model(x, y_deq_pix)  # noqa: E731  (full grid only)
+        for epoch in range(prog.epoch, e2):
+            t0 = time.perf_counter()
+            row = _refiner_epoch(model, opt2, data, y_deq_pix, _batches(data.coords.shape[0], cfg.train.batch_size, gen, device), epoch)
+            row["time/epoch_s"] = time.perf_counter() - t0
+            model.eval()
+            with torch.no_grad():
+                cur = _psnr(pixels_to_image(refine_fn(data.coords), *data.shape), data)
+            row["psnr"] = cur
+            if cfg.crr.keep_best and cur > prog.best["psnr"]:
+                prog.best.update(psnr=cur, epoch=epoch, state={k: v.detach().clone() for k, v in model.refiner.state_dict().items()})
+            tracker.log_metrics({**row, "stage": 2.0}, step=e1 + epoch)
+            prog.epoch = epoch + 1
+            if ckpt and ckpt.due(prog.epoch) and prog.epoch < e2:
+                checkpoint(opt2, e1 + prog.epoch)
+        if cfg.crr.keep_best:
+            if prog.best["state"] is None:
+                # No epoch beat the frozen DEQ: the conservative choice is a zero residual.
+                for p in model.refiner.last.parameters():
+                    torch.nn.init.zeros_(p)
+            else:
+                model.refiner.load_state_dict(prog.best["state"])
+        model.eval()
+        with torch.no_grad():
+            final_img = pixels_to_image(refine_fn(data.coords), *data.shape)
+
+    results = final_metrics(final_img, data.image)
+    results["mem/peak_mb"] = peak_memory_mb(device)
+    results["time/total_s"] = time.perf_counter() - t_start
+    results["solver/eval_nstep"] = stats["nstep"]
+    if is_crr:
+        results["stage1/psnr"] = stage1_psnr
+        results["crr/gain_db"] = results["psnr"] - stage1_psnr
+        results["crr/best_epoch"] = float(prog.best["epoch"])
+    tracker.log_metrics(results, step=e1 + (cfg.crr.epochs if is_crr else 0))
+    if outdir is not None:
+        _write_artifacts(Path(outdir), tracker, final_img, data, results, trace)
+    return results
