@@ -115,6 +115,20 @@ class CRRConfig:
 
 
 @dataclass(frozen=True)
+class ResourcesConfig:
+    """What one cell needs: world size = ``nodes`` × ``tasks_per_node`` DDP processes.
+
+    Cells with equal resources share a Slurm job array; other launcher settings
+    (partition, time, memory) live in the launcher config.
+    """
+
+    nodes: int = _range(1, 1, 4096)
+    tasks_per_node: int = _range(1, 1, 256)
+    gpus_per_node: int = _range(0, 0, 64)
+    cpus_per_task: int = _range(1, 1, 1024)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One fully resolved experiment (a cell, once the seed is fixed)."""
 
@@ -126,6 +140,7 @@ class ExperimentConfig:
     deq: DEQConfig = field(default_factory=DEQConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     crr: CRRConfig = field(default_factory=CRRConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
 
 # --------------------------------------------------------------------- dicts

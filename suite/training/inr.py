@@ -97,7 +97,7 @@ def _deq_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: ImageData, ba
         loss.backward()
         opt.step()
         row = {
-            "loss": float(loss),
+            "loss": loss.item(),
             "solver/fwd_nstep": stats["nstep"],
             "solver/bwd_nstep": getattr(model, "last_bwd_nstep", 0.0),
             "solver/abs_lowest": stats["abs_lowest"],
@@ -121,7 +121,7 @@ def _refiner_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: ImageData
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total += float(loss)
+        total += loss.item()
     return {"loss": total / len(batches)}
 
 

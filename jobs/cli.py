@@ -1,0 +1,249 @@
+"""``deqbench`` command line. Heavy imports happen inside the commands.
+
+Every command says where its outputs went. Tracking store: ``--tracking-uri``,
+else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+
+
+def _launch_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (dotted), applied last; repeatable")
+    p.add_argument("--runs-dir", default=None, help="root of cell work directories (default: $DEQBENCH_RUNS or ./runs)")
+    _common(p)
+
+
+def _print_outcomes(outcomes: list[dict[str, Any]]) -> int:
+    failed = [o for o in outcomes if o["state"] != "FINISHED"]
+    for o in sorted(outcomes, key=lambda o: o["label"]):
+        res = o.get("results") or {}
+        extra = f"psnr={res['psnr']:.2f} dB" if "psnr" in res else (o.get("error") or "")
+        print(f"  {o['state']:<9} {o['hash']}  {o['label']}  {extra}")
+    print(f"{len(outcomes) - len(failed)} finished, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from jobs import tracking
+    from jobs.cells import single_cell
+    from jobs.node import run_cell
+
+    uri = tracking.resolve_tracking_uri(a.tracking_uri)
+    cell = single_cell(a.experiment, a.overrides, a.runs_dir, uri)
+    print(f"running {cell.config['family']} cell {cell.hash} ({cell.label}) → {cell.workdir}", flush=True)
+    out = run_cell(cell)
+    code = _print_outcomes([out])
+    print(f"MLflow: experiment {cell.experiment!r} in {uri} (browse: deqbench ui)")
+    return code
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from jobs import tracking
+    from jobs.cells import expand_sweep
+    from jobs.launchers import get_launcher
+
+    uri = tracking.resolve_tracking_uri(a.tracking_uri)
+    name, cells = expand_sweep(a.sweep, a.overrides, a.runs_dir, uri)
+    launcher = get_launcher(a.launcher)
+    if a.dry_run:
+        print(f"sweep {name!r}: {len(cells)} cells (dry run, nothing submitted)")
+        for c in cells:
+            print(f"  {c.hash}  {c.config['family']:<8} {c.label}  → {c.workdir}")
+        launcher.dry_run(cells, a)
+        return 0
+    done = tracking.finished_hashes(uri, name)
+    todo = [c for c in cells if c.hash not in done]
+    print(f"sweep {name!r}: {len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run "
+          f"({a.launcher} launcher)", flush=True)
+    if not todo:
+        print("nothing to run: every cell of this sweep has FINISHED (delete its runs to redo them)")
+        return 0
+    outcomes = launcher.launch(todo, a)
+    code = _print_outcomes(outcomes) if outcomes is not None else 0
+    print(f"work dirs: {Path(cells[0].workdir).parent}")
+    print(f"MLflow: experiment {name!r} in {uri} — browse with: deqbench ui")
+    return code
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from jobs import tracking
+    from jobs.status import sweep_status
+
+    uri = tracking.resolve_tracking_uri(a.tracking_uri)
+    print(sweep_status(a.sweep, a.runs_dir, uri))
+    return 0
+
+
+def cmd_table(a: argparse.Namespace) -> int:
+    from analysis.table import table_command
+    from jobs import tracking
+
+    uri = None if a.source else tracking.resolve_tracking_uri(a.tracking_uri)
+    text = table_command(a.experiment, _csv(a.rows), _csv(a.cols or ""), _csv(a.metrics), a.format, out=a.out,
+                         tracking_uri=uri, source=a.source, decimals=a.decimals)
+    print(text)
+    if a.out:
+        print(f"table written to {a.out}")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from analysis.export import export_runs
+    from jobs import tracking
+
+    path = export_runs(a.experiment, Path(a.out), tracking_uri=tracking.resolve_tracking_uri(a.tracking_uri))
+    print(f"runs of {a.experiment!r} exported to {path}")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from analysis.report import report_command
+    from jobs import tracking
+
+    paths = report_command(a.kind, a.experiment, Path(a.out), run_id=a.run,
+                           tracking_uri=tracking.resolve_tracking_uri(a.tracking_uri))
+    for p in paths:
+        print(f"report written to {p}")
+    return 0
+
+
+def cmd_data(a: argparse.Namespace) -> int:
+    from suite.data.synth import write_synthetic_dataset
+
+    files = write_synthetic_dataset(Path(a.out), n_volumes=a.volumes, n_slices=a.slices, shape=tuple(a.size),
+                                    n_coils=a.coils, seed=a.seed)
+    print(f"{len(files)} synthetic fastMRI volumes written to {Path(a.out).absolute()}")
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    import importlib
+
+    import yaml
+
+    cfg_path = Path(a.config or f"configs/bench/{a.name}.yaml")
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    try:
+        mod = importlib.import_module(f"jobs.bench.{a.name}")
+    except ModuleNotFoundError:
+        from jobs.bench import available
+
+        raise ValueError(f"unknown benchmark {a.name!r}; available: {', '.join(available())}") from None
+    return int(mod.main(cfg) or 0)
+
+
+def cmd_ui(a: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from jobs import tracking
+
+    uri = tracking.resolve_tracking_uri(a.tracking_uri)
+    print(f"MLflow UI for {uri} at http://{a.host}:{a.port} (Ctrl-C to stop)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", a.host, "--port", str(a.port)]
+    return subprocess.call(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``deqbench`` argument parser."""
+    p = argparse.ArgumentParser(prog="deqbench", description="Benchmark Deep Equilibrium models in imaging.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("run", help="run one experiment in this process")
+    s.add_argument("experiment", help="experiment YAML, e.g. configs/experiments/crr.yaml")
+    _launch_opts(s)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("sweep", help="expand a sweep and launch its unfinished cells")
+    s.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/crr_demo.yaml")
+    s.add_argument("--launcher", default="local", choices=["local", "submitit", "ray"])
+    s.add_argument("--launcher-config", default=None, help="launcher YAML, e.g. configs/launchers/local_slurm.yaml")
+    s.add_argument("--workers", type=int, default=None, help="local launcher: concurrent cells (default: cores // 2)")
+    s.add_argument("--dry-run", action="store_true", help="print the cells (and sbatch script) and submit nothing")
+    s.add_argument("--no-wait", action="store_true", help="submitit: return once submitted")
+    _launch_opts(s)
+    s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("status", help="pending/running/finished/failed cells of a sweep")
+    s.add_argument("sweep")
+    s.add_argument("--runs-dir", default=None)
+    _common(s)
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("table", help="ablation table (mean ± std over seeds, best in bold)")
+    s.add_argument("--experiment", required=True, help="MLflow experiment (the sweep's name)")
+    s.add_argument("--rows", required=True, help="comma-separated config keys, e.g. data.image")
+    s.add_argument("--cols", default="", help="comma-separated config keys (may be empty)")
+    s.add_argument("--metrics", required=True, help="comma-separated metric names, e.g. stage1/psnr,psnr,crr/gain_db")
+    s.add_argument("--format", default="md", choices=["md", "latex", "csv"])
+    s.add_argument("--decimals", type=int, default=2)
+    s.add_argument("--out", default=None, help="also write the table to this file")
+    s.add_argument("--source", default=None, help="read an exported .parquet/.csv instead of MLflow")
+    _common(s)
+    s.set_defaults(func=cmd_table)
+
+    s = sub.add_parser("export", help="runs of an experiment to long-format parquet/CSV")
+    s.add_argument("--experiment", required=True)
+    s.add_argument("--out", required=True, help="file ending in .parquet or .csv")
+    _common(s)
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("report", help="figures and reports from runs")
+    s.add_argument("kind", choices=["spectral"])
+    s.add_argument("--experiment", required=True)
+    s.add_argument("--run", default=None, help="one run id (default: every finished run)")
+    s.add_argument("--out", required=True, help="output directory")
+    _common(s)
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("data", help="data utilities")
+    dsub = s.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("synth", help="write synthetic fastMRI-format volumes")
+    d.add_argument("--out", required=True)
+    d.add_argument("--volumes", type=int, default=4)
+    d.add_argument("--slices", type=int, default=8)
+    d.add_argument("--coils", type=int, default=4, help="0 or 1: single-coil")
+    d.add_argument("--size", type=int, nargs=2, default=[320, 320], metavar=("H", "W"))
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_data)
+
+    s = sub.add_parser("bench", help="run a benchmark defined in configs/bench/NAME.yaml")
+    s.add_argument("name")
+    s.add_argument("--config", default=None, help="benchmark YAML (default: configs/bench/NAME.yaml)")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("ui", help="MLflow UI on the tracking store, bound to 127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=5000)
+    _common(s)
+    s.set_defaults(func=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``deqbench`` console script."""
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
+        print(f"deqbench {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
