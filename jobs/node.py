@@ -81,6 +81,8 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         cfg = load_config(cell.config)
         (workdir / "config.yaml").write_text(yaml.safe_dump(cell.config, sort_keys=False))
         ckpt = Checkpointer(workdir / "ckpt", cfg.train.ckpt_every)
+        if read_status(workdir).get("state") == "FAILED":
+            ckpt.clear()  # a failure is usually deterministic: start afresh, in a new run
         latest = ckpt.latest()
         uri = cell.tracking_uri or tracking.resolve_tracking_uri()
         resume = (latest or {}).get("extra", {}).get("run_id")
@@ -91,6 +93,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
             tracking.run_tags(cell.hash, cfg.family, cell.world_size), resume_run_id=resume,
         )
         ckpt.extra["run_id"] = tracker.run_id
+        ckpt.before_save.append(tracker.flush)
         out["run_id"] = tracker.run_id
         write_status(workdir, state="RUNNING", run_id=tracker.run_id, host=socket.gethostname(), pid=os.getpid(),
                      started=time.time(), resumed_from=bool(latest), error=None,
@@ -99,6 +102,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         model = build_model(cfg)
         data = load_data(cfg)
         results = fit(cfg, model, data, tracker, ckpt=ckpt, outdir=workdir / "artifacts")
+        tracker.flush()
         tracker.terminate("FINISHED")
         write_status(workdir, state="FINISHED", results=results, ended=time.time())
         out.update(state="FINISHED", results=results)
@@ -117,6 +121,9 @@ def _record_failure(workdir: Path, tracker: Any, state: str, reason: str, tb: st
     write_status(workdir, state=state, error=reason, traceback=tb, ended=time.time())
     if tracker is not None:
         try:
+            # KILLED resumes from its checkpoint and replays the buffered epochs;
+            # FAILED starts afresh, so its curve up to the failure is kept.
+            tracker.flush() if state == "FAILED" else tracker.discard()
             tracker.set_tags({"failure_reason": reason[:5000]})
             tracker.terminate(state)
         except Exception as err:  # noqa: BLE001 - the store itself may be the failure

@@ -128,6 +128,11 @@ def run_tags(cell_hash: str, family: str, world_size: int) -> dict[str, str]:
 class MlflowTracker:
     """Implements :class:`suite.training.tracker.Tracker` on one MLflow run.
 
+    Metrics are buffered and written by :meth:`flush`, which the node job calls
+    just before each checkpoint and at the end: the run then holds exactly the
+    epochs a resume will not replay — none twice, none missing — and the store
+    sees one batched write per checkpoint instead of one per epoch.
+
     Args:
         uri: tracking URI.
         run_id: an existing run (see :func:`start_run`).
@@ -136,13 +141,24 @@ class MlflowTracker:
     def __init__(self, uri: str, run_id: str) -> None:
         self.uri, self.run_id = uri, run_id
         self._client = client(uri)
+        self._buffer: list[Any] = []
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        _retry(lambda: self._client.log_batch(self.run_id, metrics=batch))
+        self._buffer.extend(Metric(k, float(v), now, step or 0) for k, v in metrics.items())
+
+    def flush(self) -> None:
+        """Writes the buffered metrics (MLflow takes at most 1000 per batch)."""
+        while self._buffer:
+            batch = self._buffer[:1000]
+            _retry(lambda: self._client.log_batch(self.run_id, metrics=batch))
+            del self._buffer[: len(batch)]
+
+    def discard(self) -> None:
+        """Drops buffered metrics (an interrupted run replays them after resuming)."""
+        self._buffer.clear()
 
     def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
         _retry(lambda: self._client.log_artifact(self.run_id, str(path), subdir))

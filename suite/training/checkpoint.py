@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -34,6 +34,7 @@ class Checkpointer:
         self.every = every
         self.keep = keep
         self.extra: dict[str, Any] = {}
+        self.before_save: list[Callable[[], None]] = []
 
     def due(self, epochs_done: int) -> bool:
         """Whether a checkpoint is due after ``epochs_done`` epochs of a stage."""
@@ -46,7 +47,14 @@ class Checkpointer:
         return sorted(found)
 
     def save(self, state: dict[str, Any], step: int) -> Path:
-        """Writes ``state`` (plus :attr:`extra`) as checkpoint ``step`` atomically."""
+        """Writes ``state`` (plus :attr:`extra`) as checkpoint ``step`` atomically.
+
+        The :attr:`before_save` callbacks run first: the launcher flushes the
+        metrics buffered since the previous checkpoint there, so that what the
+        tracker holds always matches what a resume replays (no epoch twice).
+        """
+        for hook in self.before_save:
+            hook()
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"ckpt_{step:08d}.pt"
         tmp = path.with_suffix(".tmp")
@@ -55,6 +63,11 @@ class Checkpointer:
         for _, old in self._files()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
+
+    def clear(self) -> None:
+        """Deletes every checkpoint (a failed cell starts afresh)."""
+        for _, path in self._files():
+            path.unlink(missing_ok=True)
 
     def latest(self) -> dict[str, Any] | None:
         """The newest checkpoint, or None when there is none."""

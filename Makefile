@@ -1,0 +1,47 @@
+# deqbench: `make demo` and `make test` are all a new user needs.
+# Everything installs into .venv; torch 2.13.0 (CPU wheel here) goes in first so
+# nothing pulls a CUDA build, then the project, then fastmri without its
+# torchvision dependency (its core modules do not need it).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: install demo test test-all slurm-start slurm-stop ui clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[cluster,dev]"
+	$(BIN)/pip install -q --no-deps "fastmri==0.3.0"
+	$(BIN)/python -c "import torch, torchdeq, fastmri.evaluate; print('installed: torch', torch.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/deqbench sweep configs/sweeps/crr_demo.yaml
+	$(BIN)/deqbench table --experiment crr_demo --rows data.image \
+	    --metrics stage1/psnr,psnr,crr/gain_db --out reports/crr_demo/table.md
+	@echo "Browse every run with:  $(BIN)/deqbench ui   (http://127.0.0.1:5000)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m ""
+
+slurm-start:
+	bash slurm/local_cluster.sh start
+
+slurm-stop:
+	bash slurm/local_cluster.sh stop
+
+ui: $(STAMP)
+	$(BIN)/deqbench ui
+
+clean:
+	rm -rf runs reports mlflow.db mlartifacts .pytest_cache

@@ -1,0 +1,75 @@
+"""Config loading and strict validation."""
+
+import pytest
+import yaml
+
+from suite.config import ConfigError, ExperimentConfig, config_hash, flatten, load_config, replace
+
+EXPERIMENTS = ["deq_inr", "crr", "deq_inr_tiny", "crr_tiny"]
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_shipped_experiments_validate(name):
+    cfg = load_config(f"configs/experiments/{name}.yaml")
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.name == name
+
+
+def test_paper_scale_defaults():
+    cfg = load_config("configs/experiments/crr.yaml")
+    assert (cfg.data.size, cfg.train.epochs, cfg.crr.epochs, cfg.crr.init_std) == (512, 500, 300, 1e-5)
+
+
+def test_precedence_file_then_overrides(tmp_path):
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump({"deq": {"solver": "broyden"}, "train": {"epochs": 7}}))
+    cfg = load_config(path, ["train.epochs=9", "model.filter=gabor"])
+    assert cfg.deq.solver == "broyden"  # file beats default
+    assert cfg.train.epochs == 9  # --set beats file
+    assert cfg.model.filter == "gabor"
+    assert cfg.deq.f_tol == ExperimentConfig().deq.f_tol  # default kept
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("deq.solver=newton", ["deq.solver", "newton", "anderson", "broyden", "fixed_point_iter"]),
+        ("model.filter=siren", ["model.filter", "siren", "fourier", "gabor"]),
+        ("data.size=big", ["data.size", "big", "int"]),
+        ("train.lr=fast", ["train.lr", "fast", "number"]),
+        ("model.widht=3", ["model.widht", "hidden"]),
+        ("optim.lr=1", ["optim", "valid keys"]),
+        ("train.epochs=-1", ["train.epochs", "-1", "range"]),
+        ("crr.keep_best=1", ["crr.keep_best", "bool"]),
+        ("nonsense", ["key=value", "nonsense"]),
+    ],
+)
+def test_bad_values_name_key_value_and_choices(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_int_accepted_for_float_but_not_bool_for_int():
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+    with pytest.raises(ConfigError):
+        load_config(None, ["data.size=true"])
+
+
+def test_hash_is_stable_and_order_free():
+    a = load_config({"train": {"epochs": 3, "lr": 0.1}, "data": {"size": 50}})
+    b = load_config({"data": {"size": 50}, "train": {"lr": 0.1, "epochs": 3}})
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(replace(a, **{"train.epochs": 4}))
+    assert config_hash(a) != config_hash(replace(a, seed=1))
+
+
+def test_flatten_uses_dotted_keys():
+    flat = flatten(load_config(None))
+    assert flat["deq.solver"] == "anderson" and flat["data.image"] == "camera" and "seed" in flat
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
