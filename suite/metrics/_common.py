@@ -1,0 +1,216 @@
+"""Shared input checks and filters for :mod:`suite.metrics`.
+
+Complex convention: every metric takes real-valued tensors only. Complex MRI
+images must be reduced to a real image first (e.g. ``fastmri.complex_abs`` or
+``torch.abs``); a complex tensor raises ``TypeError``.
+
+Shapes: a metric input is ``(B, H, W)`` or ``(B, C, H, W)``. Internally it is
+viewed as ``(B, C, H, W)`` with ``C = 1`` for 3-D input; each of the ``B``
+samples yields one value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence, Union
+
+import torch
+
+DataRange = Union[None, float, int, torch.Tensor]
+
+# Pixels per chunk of planes processed together by the windowed metrics: the
+# five moment maps of a chunk stay in the CPU cache, which makes the filters
+# several times faster than sweeping whole batches through memory.
+CHUNK_PIXELS = 1 << 18
+
+
+def check_image(x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    """Check one metric input and view it as ``(B, C, H, W)``.
+
+    Args:
+        x: Real-valued tensor of shape ``(B, H, W)`` or ``(B, C, H, W)``.
+        name: Argument name used in error messages.
+
+    Returns:
+        ``x`` viewed as ``(B, C, H, W)`` (a view, no copy).
+
+    Raises:
+        TypeError: If ``x`` is not a tensor, or is complex or boolean.
+        ValueError: If ``x`` is not 3-D or 4-D, or has an empty dimension.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise TypeError(
+            f"{name} must be a real-valued tensor, got dtype {x.dtype}; "
+            "take the magnitude of complex images first (e.g. fastmri.complex_abs)"
+        )
+    if x.ndim not in (3, 4):
+        raise ValueError(
+            f"{name} must have shape (B, H, W) or (B, C, H, W), got shape {tuple(x.shape)}"
+        )
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    return x.unsqueeze(1) if x.ndim == 3 else x
+
+
+def check_pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check a ``(pred, target)`` pair and view both as ``(B, C, H, W)``.
+
+    Args:
+        pred: Prediction, ``(B, H, W)`` or ``(B, C, H, W)``.
+        target: Ground truth of the same shape as ``pred``.
+
+    Returns:
+        ``(pred, target)``, both viewed as ``(B, C, H, W)``.
+
+    Raises:
+        TypeError: See :func:`check_image`.
+        ValueError: If the shapes differ, besides :func:`check_image`'s cases.
+    """
+    p = check_image(pred, "pred")
+    t = check_image(target, "target")
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"pred and target must have the same shape, got {tuple(pred.shape)} "
+            f"and {tuple(target.shape)}"
+        )
+    if pred.device != target.device:
+        raise ValueError(f"pred and target must be on one device, got {pred.device} and {target.device}")
+    return p, t
+
+
+def float_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """Working dtype: float64 if any input is float64, else float32.
+
+    Args:
+        xs: Input tensors of any real dtype.
+
+    Returns:
+        ``torch.float64`` or ``torch.float32``.
+    """
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def data_range_per_sample(target: torch.Tensor, data_range: DataRange) -> torch.Tensor:
+    """Resolve the ``data_range`` argument to one positive value per sample.
+
+    Args:
+        target: Ground truth, ``(B, C, H, W)``.
+        data_range: ``None`` for the per-sample range ``max - min`` of
+            ``target`` (over ``C x H x W``); a positive number for all samples;
+            or a tensor of shape ``()`` or ``(B,)`` of positive values.
+
+    Returns:
+        ``(B,)`` float64 tensor on ``target``'s device.
+
+    Raises:
+        TypeError: If ``data_range`` has another type.
+        ValueError: If a given ``data_range`` has the wrong shape or is not
+            positive and finite.
+    """
+    b = target.shape[0]
+    if data_range is None:
+        flat = target.reshape(b, -1)
+        return (flat.amax(dim=1) - flat.amin(dim=1)).to(torch.float64)
+    if isinstance(data_range, bool) or not isinstance(data_range, (int, float, torch.Tensor)):
+        raise TypeError(
+            "data_range must be None, a positive number or a (B,) tensor, "
+            f"got {type(data_range).__name__}"
+        )
+    r = torch.as_tensor(data_range, dtype=torch.float64, device=target.device)
+    if r.ndim == 0:
+        r = r.expand(b)
+    if r.shape != (b,):
+        raise ValueError(
+            f"data_range must be a scalar or have shape ({b},), got shape {tuple(r.shape)}"
+        )
+    if not bool(torch.all(torch.isfinite(r) & (r > 0))):
+        raise ValueError(f"data_range must be positive and finite, got {r.tolist()}")
+    return r
+
+
+def plane_chunks(n_planes: int, h: int, w: int) -> Iterator[slice]:
+    """Split ``n_planes`` planes of ``h x w`` pixels into cache-sized slices.
+
+    Args:
+        n_planes: Number of ``(H, W)`` planes.
+        h: Plane height.
+        w: Plane width.
+
+    Yields:
+        Consecutive slices covering ``range(n_planes)``, each at least one
+        plane and at most about :data:`CHUNK_PIXELS` pixels.
+    """
+    step = max(1, CHUNK_PIXELS // (h * w))
+    for start in range(0, n_planes, step):
+        yield slice(start, min(start + step, n_planes))
+
+
+def gaussian_kernel_1d(size: int, sigma: float) -> list[float]:
+    """Normalised 1-D Gaussian taps, centred, as MATLAB's ``fspecial``.
+
+    The 2-D kernel ``fspecial('gaussian', size, sigma)`` is the outer product of
+    these taps with themselves (no tap falls under MATLAB's ``eps`` cut-off for
+    the sizes used here).
+
+    Args:
+        size: Odd number of taps.
+        sigma: Standard deviation in pixels.
+
+    Returns:
+        ``size`` Python floats summing to one.
+    """
+    half = (size - 1) / 2
+    taps = [math.exp(-((i - half) ** 2) / (2.0 * sigma**2)) for i in range(size)]
+    total = math.fsum(taps)
+    return [t / total for t in taps]
+
+
+def _shift_sum(flat: torch.Tensor, taps: Sequence[float], step: int) -> torch.Tensor:
+    """``out[j] = sum_i taps[i] * flat[j + i * step]`` on a 1-D tensor.
+
+    Args:
+        flat: Contiguous 1-D tensor of length ``L``.
+        taps: Filter taps.
+        step: Spacing of the taps in ``flat``.
+
+    Returns:
+        Contiguous 1-D tensor of length ``L - (len(taps) - 1) * step``.
+    """
+    length = flat.numel() - (len(taps) - 1) * step
+    out = flat[:length] * taps[0]
+    for i in range(1, len(taps)):
+        out.add_(flat[i * step : i * step + length], alpha=taps[i])
+    return out
+
+
+def filter_valid(x: torch.Tensor, taps: Sequence[float], stride: int = 1) -> torch.Tensor:
+    """Separable 2-D correlation of the last two axes, 'valid' region only.
+
+    Applies the same 1-D ``taps`` along H then along W. Both passes are sums of
+    shifted copies of the flattened tensor (a shift by ``W`` moves one row, a
+    shift by 1 one column), so every operation runs over one contiguous array;
+    the outputs that straddle a row or plane boundary are computed but never
+    exposed. On a CPU this is several times faster than ``conv2d`` with one
+    channel. With ``stride=2`` the result is the stride-1 result sampled at
+    ``[::2, ::2]``.
+
+    Args:
+        x: Tensor ``(..., H, W)`` with ``H, W >= len(taps)``.
+        taps: 1-D filter taps (symmetric filters make correlation and
+            convolution coincide).
+        stride: Output subsampling step along both axes.
+
+    Returns:
+        Tensor ``(..., Ho, Wo)`` with ``Ho = (H - len(taps)) // stride + 1``
+        (and ``Wo`` likewise): a strided view into a new buffer, rows
+        contiguous.
+    """
+    *lead, h, w = x.shape
+    n = len(taps)
+    rows = _shift_sum(x.reshape(-1), taps, w)
+    both = _shift_sum(rows, taps, 1)
+    h_out, w_out = (h - n) // stride + 1, (w - n) // stride + 1
+    planes = both.as_strided((x.numel() // (h * w), h_out, w_out), (h * w, stride * w, stride))
+    return planes.view(*lead, h_out, w_out)
