@@ -1,0 +1,445 @@
+"""Slurm environment helpers: is Slurm there, which partitions exist, is a
+launcher config valid, what state are my jobs in.
+
+Launcher configs (``configs/launchers/*.yaml``) are flat mappings whose keys are
+submitit's parameter names -- the generic ``AutoExecutor`` ones (``timeout_min``,
+``mem_gb``, ``nodes``, ``tasks_per_node``, ``cpus_per_task``, ``gpus_per_node``,
+...) and the Slurm ones prefixed ``slurm_`` (``slurm_partition``,
+``slurm_account``, ``slurm_qos``, ``slurm_constraint``,
+``slurm_array_parallelism``, ``slurm_setup``, ...) -- plus ``folder``, the log
+folder (submitit expands ``%j`` to the job id)::
+
+    cfg = load_launcher_config("configs/launchers/local_slurm.yaml")
+    folder, init_kwargs, params = submitit_arguments(cfg)
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", **init_kwargs)
+    executor.update_parameters(**params)
+
+Every check raises before anything is submitted: ``ValueError`` for an unknown
+key or partition, ``TypeError`` for a value of the wrong type, ``RuntimeError``
+when Slurm is not installed or its controller does not answer.
+
+Accounting is off on the local cluster (and on some real ones), so ``sacct``
+fails; :func:`job_states` asks ``squeue``, which keeps finished jobs for the
+controller's ``MinJobAge`` (an hour on the local cluster), and :func:`job_info`
+asks ``scontrol``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+SLURM_PACKAGES: Tuple[str, ...] = ("slurmctld", "slurmd", "slurm-client", "munge")
+"""Debian packages of the local one-node cluster."""
+
+CLIENT_COMMANDS: Tuple[str, ...] = ("sbatch", "squeue", "sinfo", "scontrol")
+"""Slurm client commands the launchers need on ``PATH``."""
+
+TERMINAL_STATES = frozenset(
+    {
+        "BOOT_FAIL",
+        "CANCELLED",
+        "COMPLETED",
+        "DEADLINE",
+        "FAILED",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "PREEMPTED",
+        "REVOKED",
+        "SPECIAL_EXIT",
+        "TIMEOUT",
+    }
+)
+"""Job states after which a job never runs again (unless requeued by hand)."""
+
+UNKNOWN_STATE = "UNKNOWN"
+"""State reported for a job id the controller does not know (never submitted,
+or finished longer ago than ``MinJobAge``)."""
+
+FOLDER_KEY = "folder"
+INIT_KEYS: Tuple[str, ...] = ("slurm_max_num_timeout", "slurm_python")
+"""Keys passed to the ``AutoExecutor`` constructor, not ``update_parameters``."""
+
+_LIST_OF_STR_KEYS = ("slurm_setup", "slurm_teardown", "slurm_srun_args")
+_POSITIVE_INT_KEYS = (
+    "timeout_min",
+    "nodes",
+    "tasks_per_node",
+    "cpus_per_task",
+    "slurm_array_parallelism",
+)
+_NON_NEGATIVE_INT_KEYS = ("gpus_per_node", "slurm_max_num_timeout")
+_STR_KEYS = (
+    FOLDER_KEY,
+    "name",
+    "slurm_partition",
+    "slurm_account",
+    "slurm_qos",
+    "slurm_constraint",
+    "slurm_gres",
+    "slurm_exclude",
+    "slurm_nodelist",
+    "slurm_comment",
+    "slurm_job_name",
+    "slurm_python",
+    "slurm_mem",
+)
+_TIMEOUT_S = 60.0
+_JOB_ID = re.compile(r"^\d+(_\d+)?$")
+_INSTALL_HINT = (
+    "install the Debian packages {pkgs} and start the local one-node cluster with "
+    "`slurm/local_cluster.sh start` (it installs them), or run on a machine with Slurm"
+)
+
+
+# --- Slurm presence and partitions -------------------------------------------
+def slurm_installed() -> bool:
+    """Returns whether every Slurm client command is on ``PATH``."""
+    return all(shutil.which(cmd) for cmd in CLIENT_COMMANDS)
+
+
+def require_slurm() -> None:
+    """Raises unless the Slurm client commands are on ``PATH``.
+
+    Raises:
+        RuntimeError: a command is missing; names it, the packages to install
+            and ``slurm/local_cluster.sh start``.
+    """
+    missing = [cmd for cmd in CLIENT_COMMANDS if shutil.which(cmd) is None]
+    if missing:
+        raise RuntimeError(
+            f"Slurm is not installed: {', '.join(missing)} not found on PATH; "
+            + _INSTALL_HINT.format(pkgs=" ".join(SLURM_PACKAGES))
+        )
+
+
+def _run(args: List[str]) -> subprocess.CompletedProcess:
+    """Runs a Slurm client command, capturing text output (never raises on rc)."""
+    require_slurm()
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(
+            f"`{' '.join(args)}` did not answer in {_TIMEOUT_S:.0f} s; "
+            "is slurmctld hung? check `slurm/local_cluster.sh status`"
+        ) from None
+
+
+def _controller_error(args: List[str], proc: subprocess.CompletedProcess) -> RuntimeError:
+    msg = (proc.stderr or proc.stdout).strip()
+    return RuntimeError(
+        f"`{' '.join(args)}` failed (exit {proc.returncode}): {msg}; is the Slurm "
+        "controller up? `slurm/local_cluster.sh status` tells, `... start` starts it"
+    )
+
+
+def partitions() -> List[str]:
+    """Names of the partitions this cluster has, from ``sinfo -h -o %P``.
+
+    The default partition is listed without sinfo's trailing ``*``.
+
+    Raises:
+        RuntimeError: Slurm is not installed or the controller does not answer.
+    """
+    args = ["sinfo", "-h", "-o", "%P"]
+    proc = _run(args)
+    if proc.returncode != 0:
+        raise _controller_error(args, proc)
+    names = [line.strip().rstrip("*") for line in proc.stdout.splitlines() if line.strip()]
+    return list(dict.fromkeys(names))
+
+
+def default_partition() -> Optional[str]:
+    """The partition jobs go to without ``--partition``, or ``None`` if none is default."""
+    args = ["sinfo", "-h", "-o", "%P"]
+    proc = _run(args)
+    if proc.returncode != 0:
+        raise _controller_error(args, proc)
+    for line in proc.stdout.split():
+        if line.endswith("*"):
+            return line[:-1]
+    return None
+
+
+def partition_gpus(partition: str) -> int:
+    """Most GPUs one node of ``partition`` offers (its ``gpu`` GRES), 0 if none.
+
+    Args:
+        partition: an existing partition name.
+    """
+    args = ["sinfo", "-h", "-p", partition, "-o", "%G"]
+    proc = _run(args)
+    if proc.returncode != 0:
+        raise _controller_error(args, proc)
+    best = 0
+    for gres in proc.stdout.split():
+        # e.g. "gpu:4", "gpu:a100:4(S:0-1)", "gpu:a100:4,shard:8", "(null)"
+        for item in gres.split(","):
+            if item.startswith("gpu"):
+                fields = item.split("(")[0].split(":")
+                count = fields[-1] if len(fields) > 1 else "1"
+                best = max(best, int(count) if count.isdigit() else 1)
+    return best
+
+
+# --- launcher configs -------------------------------------------------------
+def _submitit_parameters() -> Tuple[Dict[str, Any], Tuple[str, ...]]:
+    """submitit's generic parameters with their types, and its Slurm parameter names."""
+    try:
+        from submitit.auto.auto import AutoExecutor
+        from submitit.slurm.slurm import SlurmExecutor
+    except ImportError:
+        raise RuntimeError(
+            "submitit is not installed; install the cluster extra: pip install 'deqbench[cluster]'"
+        ) from None
+    generic = dict(AutoExecutor._typed_parameters())
+    slurm = tuple(sorted(SlurmExecutor._valid_parameters()))
+    return generic, slurm
+
+
+def valid_launcher_keys() -> List[str]:
+    """Every key a launcher config may have, sorted.
+
+    The generic submitit parameters, the Slurm ones prefixed ``slurm_``,
+    :data:`INIT_KEYS` and ``folder``.
+    """
+    generic, slurm = _submitit_parameters()
+    keys = set(generic) | {f"slurm_{name}" for name in slurm} | set(INIT_KEYS) | {FOLDER_KEY}
+    return sorted(keys)
+
+
+def _check_types(config: Mapping[str, Any], generic_types: Mapping[str, Any]) -> None:
+    """Raises ``TypeError``/``ValueError`` for a value of the wrong type or range."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key, value in config.items():
+        if value is None:
+            continue  # submitit treats None as "not set"
+        if key in _POSITIVE_INT_KEYS or key in _NON_NEGATIVE_INT_KEYS:
+            if not is_int(value):
+                raise TypeError(f"launcher key {key!r} must be an integer, got {value!r}")
+            low = 1 if key in _POSITIVE_INT_KEYS else 0
+            if value < low:
+                raise ValueError(f"launcher key {key!r} must be >= {low}, got {value!r}")
+        elif key == "mem_gb":
+            if not (is_int(value) or isinstance(value, float)):
+                raise TypeError(f"launcher key 'mem_gb' must be a number (GB), got {value!r}")
+            if value <= 0:
+                raise ValueError(f"launcher key 'mem_gb' must be > 0, got {value!r}")
+        elif key in _STR_KEYS:
+            if not isinstance(value, str) or not value:
+                raise TypeError(f"launcher key {key!r} must be a non-empty string, got {value!r}")
+        elif key in _LIST_OF_STR_KEYS:
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise TypeError(
+                    f"launcher key {key!r} must be a list of strings (one shell line or "
+                    f"argument each), got {value!r}"
+                )
+        elif key == "slurm_additional_parameters":
+            if not isinstance(value, Mapping):
+                raise TypeError(
+                    "launcher key 'slurm_additional_parameters' must be a mapping of sbatch "
+                    f"options (e.g. {{'mail_type': 'END'}}), got {value!r}"
+                )
+        elif key in generic_types:
+            expected = generic_types[key]
+            if expected is float:
+                expected = (int, float)
+            if not isinstance(value, expected):
+                raise TypeError(
+                    f"launcher key {key!r} must be {generic_types[key].__name__}, got {value!r}"
+                )
+
+
+def validate_launcher_config(
+    config: Mapping[str, Any], *, check_cluster: bool = True
+) -> Dict[str, Any]:
+    """Checks a launcher config before anything is submitted.
+
+    Args:
+        config: flat mapping of submitit parameter names (see the module
+            docstring) to values; ``None`` means "not set".
+        check_cluster: also ask the running cluster: Slurm is installed, the
+            partition exists and, when ``gpus_per_node`` > 0, has GPU nodes.
+
+    Returns:
+        A plain ``dict`` copy of ``config``.
+
+    Raises:
+        TypeError: ``config`` is not a mapping, or a value has the wrong type.
+        ValueError: an unknown key (the message lists the valid ones), a value
+            out of range, a partition that does not exist (lists those that
+            do), or GPUs asked of a partition without any.
+        RuntimeError: Slurm is not installed or its controller does not answer.
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            f"a launcher config must be a mapping of submitit parameters, got {type(config).__name__}"
+        )
+    generic, _ = _submitit_parameters()
+    valid = valid_launcher_keys()
+    unknown = sorted(str(k) for k in config if k not in valid)
+    if unknown:
+        raise ValueError(
+            f"unknown launcher key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}"
+        )
+    _check_types(config, generic)
+    if check_cluster:
+        require_slurm()
+        partition = config.get("slurm_partition")
+        existing = partitions()
+        if partition is not None and partition not in existing:
+            raise ValueError(
+                f"Slurm partition {partition!r} does not exist on this cluster; "
+                f"partitions: {', '.join(existing) or '(none)'}"
+            )
+        gpus = config.get("gpus_per_node") or 0
+        target = partition if partition is not None else default_partition()
+        if gpus > 0 and target is not None and partition_gpus(target) < gpus:
+            raise ValueError(
+                f"gpus_per_node={gpus} but partition {target!r} offers at most "
+                f"{partition_gpus(target)} GPU(s) per node"
+            )
+    return dict(config)
+
+
+def load_launcher_config(path: "str | Path", *, check_cluster: bool = True) -> Dict[str, Any]:
+    """Reads and validates a launcher YAML file.
+
+    Args:
+        path: a YAML file holding one flat mapping.
+        check_cluster: see :func:`validate_launcher_config`.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        TypeError, ValueError, RuntimeError: see :func:`validate_launcher_config`;
+            the message names the file.
+    """
+    import yaml
+
+    path = Path(path)
+    with path.open() as fh:
+        config = yaml.safe_load(fh)
+    if config is None:
+        config = {}
+    try:
+        return validate_launcher_config(config, check_cluster=check_cluster)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise type(err)(f"{path}: {err}") from None
+
+
+def submitit_arguments(config: Mapping[str, Any]) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
+    """Splits a validated launcher config into what submitit takes.
+
+    Args:
+        config: a config accepted by :func:`validate_launcher_config`.
+
+    Returns:
+        ``(folder, init_kwargs, parameters)``: the log folder (``"submitit/%j"``
+        when unset), the ``AutoExecutor`` constructor keywords and the
+        ``update_parameters`` keywords; ``None`` values are dropped.
+    """
+    folder = config.get(FOLDER_KEY) or "submitit/%j"
+    init_kwargs = {k: v for k, v in config.items() if k in INIT_KEYS and v is not None}
+    params = {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in config.items()
+        if k != FOLDER_KEY and k not in INIT_KEYS and v is not None
+    }
+    return str(folder), init_kwargs, params
+
+
+# --- job state ----------------------------------------------------------------
+def job_states(job_ids: Iterable["str | int"]) -> Dict[str, str]:
+    """States of Slurm jobs from ``squeue`` (works with accounting disabled).
+
+    Args:
+        job_ids: plain job ids (``"123"``), array task ids (``"123_4"``, as
+            submitit's ``job.job_id``) or array job ids (``"123"`` covers all its tasks).
+
+    Returns:
+        ``{id: state}`` with Slurm's state names (``PENDING``, ``RUNNING``,
+        ``COMPLETED``, ``FAILED``, ``CANCELLED``, ``TIMEOUT``, ...). Keys are
+        the ids Slurm prints: a plain job as ``"123"``, each array task as
+        ``"123_4"`` (an array id expands to all its tasks, pending ones
+        included). An id Slurm does not know -- never submitted, or finished
+        longer than ``MinJobAge`` ago -- maps to :data:`UNKNOWN_STATE`.
+
+    Raises:
+        ValueError: an id is not of the form ``123`` or ``123_4``.
+        RuntimeError: Slurm is not installed or the controller does not answer.
+    """
+    ids = [str(j) for j in job_ids]
+    bad = [j for j in ids if not _JOB_ID.match(j)]
+    if bad:
+        raise ValueError(f"invalid Slurm job id(s) {bad}; expected '123' or '123_4'")
+    if not ids:
+        return {}
+    args = ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T|%A|%F", "-j", ",".join(ids)]
+    proc = _run(args)
+    if proc.returncode != 0:
+        if "Invalid job id" in proc.stderr:  # one id asked, unknown to the controller
+            return {j: UNKNOWN_STATE for j in ids}
+        raise _controller_error(args, proc)
+    states: Dict[str, str] = {}
+    seen: set = set()
+    for line in proc.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 4:
+            continue
+        shown, state, own_id, array_id = parts
+        states[shown] = state
+        seen.update({shown, own_id, array_id})
+    for j in ids:
+        if j not in seen:
+            states[j] = UNKNOWN_STATE
+    return states
+
+
+_SCONTROL_FIELD = re.compile(r"(?:^|\s)([A-Za-z][\w/:]*)=")
+
+
+def job_info(job_id: "str | int") -> List[Dict[str, str]]:
+    """What ``scontrol show job -o`` knows of one job: one dict per job or array task.
+
+    Args:
+        job_id: ``"123"`` or ``"123_4"``.
+
+    Returns:
+        One ``{field: value}`` per record (``JobId``, ``JobState``,
+        ``ExitCode``, ``Reason``, ``NodeList``, ``StdOut``, ``StdErr``, ...);
+        an empty list when the controller does not know the job.
+
+    Raises:
+        ValueError: ``job_id`` is not of the form ``123`` or ``123_4``.
+        RuntimeError: Slurm is not installed or the controller does not answer.
+    """
+    job_id = str(job_id)
+    if not _JOB_ID.match(job_id):
+        raise ValueError(f"invalid Slurm job id {job_id!r}; expected '123' or '123_4'")
+    args = ["scontrol", "show", "job", "-o", job_id]
+    proc = _run(args)
+    if proc.returncode != 0:
+        if "Invalid job id" in proc.stderr:
+            return []
+        raise _controller_error(args, proc)
+    records = []
+    for line in proc.stdout.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        matches = list(_SCONTROL_FIELD.finditer(line))
+        record = {}
+        for m, nxt in zip(matches, matches[1:] + [None]):
+            end = nxt.start() if nxt is not None else len(line)
+            record[m.group(1)] = line[m.end() : end].strip()
+        records.append(record)
+    return records
