@@ -21,7 +21,10 @@ when Slurm is not installed or its controller does not answer.
 Accounting is off on the local cluster (and on some real ones), so ``sacct``
 fails; :func:`job_states` asks ``squeue``, which keeps finished jobs for the
 controller's ``MinJobAge`` (an hour on the local cluster), and :func:`job_info`
-asks ``scontrol``.
+asks ``scontrol``. submitit polls ``sacct``: without accounting it sees every
+job as ``UNKNOWN`` forever, so ``job.result()`` of a job that died without a
+result (cancelled, killed at its time limit, out of memory) would wait forever;
+:func:`use_squeue_for_submitit` makes it poll ``squeue`` instead.
 """
 
 from __future__ import annotations
@@ -443,3 +446,53 @@ def job_info(job_id: "str | int") -> List[Dict[str, str]]:
             record[m.group(1)] = line[m.end() : end].strip()
         records.append(record)
     return records
+
+
+# --- submitit without accounting ------------------------------------------------
+def sacct_available() -> bool:
+    """Whether ``sacct`` answers, i.e. the cluster has job accounting."""
+    proc = _run(["sacct", "-n", "-X", "-o", "JobID", "-j", "1"])
+    return proc.returncode == 0
+
+
+def use_squeue_for_submitit(delay_s: float = 60.0) -> None:
+    """Makes submitit's Slurm jobs poll ``squeue`` instead of ``sacct``.
+
+    Process-wide and idempotent: it replaces the watcher shared by every
+    ``submitit`` Slurm job of this process. Call it before submitting when
+    :func:`sacct_available` is false. Then a job that ends without a result
+    (``CANCELLED``, ``TIMEOUT``, ``OUT_OF_MEMORY``, ``NODE_FAIL``) is seen as
+    done, and ``job.result()`` raises submitit's ``UncompletedJobError`` with
+    the job's log instead of waiting forever.
+
+    Args:
+        delay_s: longest interval between two polls (submitit polls more
+            often right after a submission).
+    """
+    require_slurm()
+    try:
+        from submitit.slurm import slurm as submitit_slurm
+    except ImportError:
+        raise RuntimeError(
+            "submitit is not installed; install the cluster extra: pip install 'deqbench[cluster]'"
+        ) from None
+    if getattr(submitit_slurm.SlurmJob.watcher, "_deqbench_squeue", False):
+        return
+
+    class SqueueInfoWatcher(submitit_slurm.SlurmInfoWatcher):
+        """submitit's Slurm watcher, fed by ``squeue -t all`` (no accounting needed)."""
+
+        _deqbench_squeue = True
+
+        def _make_command(self) -> Optional[List[str]]:
+            to_check = sorted({x.split("_")[0] for x in self._registered - self._finished})
+            if not to_check:
+                return None
+            return ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T|%N", "-j", ",".join(to_check)]
+
+        def read_info(self, string: "bytes | str") -> Dict[str, Dict[str, str]]:
+            text = string.decode() if isinstance(string, bytes) else string
+            # The header sacct would print; submitit's parser does the rest.
+            return super().read_info("JobID|State|NodeList\n" + text)
+
+    submitit_slurm.SlurmJob.watcher = SqueueInfoWatcher(delay_s=delay_s)

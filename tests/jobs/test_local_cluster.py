@@ -20,7 +20,9 @@ from jobs.slurm_env import (
     job_info,
     job_states,
     load_launcher_config,
+    sacct_available,
     submitit_arguments,
+    use_squeue_for_submitit,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,6 +167,31 @@ def test_submitit_two_task_gloo_ddp_all_reduce(slurm_cluster: str, tmp_path: Pat
     assert sorted(r[1] for r in per_task) == list(range(world))
     assert sorted(r[2] for r in per_task) == list(range(world))
     assert all(r[0] == world and r[3] == expected_sum for r in per_task), per_task
+
+
+def test_squeue_watcher_sees_a_cancelled_submitit_job(slurm_cluster: str, tmp_path: Path, monkeypatch) -> None:
+    """Without accounting, submitit alone would wait forever for a cancelled job."""
+    submitit = pytest.importorskip("submitit")
+    from submitit.slurm.slurm import SlurmJob
+
+    assert not sacct_available()  # the local cluster has no accounting
+    monkeypatch.setattr(SlurmJob, "watcher", SlurmJob.watcher)  # restored after the test
+    use_squeue_for_submitit(delay_s=5)
+    use_squeue_for_submitit(delay_s=5)  # idempotent
+    job = _executor(tmp_path).submit(time.sleep, 600)
+    deadline = time.monotonic() + WAIT_S
+    while job.state != "RUNNING":
+        assert job.state == "PENDING" and time.monotonic() < deadline, job.state
+        time.sleep(0.3)
+    job.cancel(check=True)
+    deadline = time.monotonic() + 60
+    while not job.done():
+        assert time.monotonic() < deadline, f"cancelled job not seen as done: {job.state}"
+        time.sleep(0.3)
+    assert job.state == "CANCELLED"
+    job._results_timeout_s = 1  # submitit waits 15 s for a late result file (slow NFS); not here
+    with pytest.raises(submitit.core.utils.UncompletedJobError, match="CANCELLED"):
+        job.result()
 
 
 # --- the sbatch templates, run as a user would on the local cluster ------------------
