@@ -143,7 +143,8 @@ pid_alive() {  # pid_alive PIDFILE NAME
     local pid
     [[ -n $1 && -r $1 ]] || return 1
     pid="$(cat "$1" 2>/dev/null)"
-    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && [[ "$(cat /proc/"$pid"/comm 2>/dev/null)" == "$2" ]]
+    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && [[ "$(cat /proc/"$pid"/comm 2>/dev/null)" == "$2" ]] \
+        && ! grep -q '^State:.*zombie' /proc/"$pid"/status 2>/dev/null  # killed, not yet reaped
 }
 
 node_state() { sinfo -h -n "$NODE" -o %t 2>/dev/null | head -n1; }
@@ -185,11 +186,20 @@ start() {
         return 0
     fi
     need_root
+    if command -v sinfo >/dev/null && pid_alive "$(conf_value SlurmctldPidFile)" slurmctld \
+            && pid_alive "$(conf_value SlurmdPidFile)" slurmd; then
+        # Both daemons up but the node is not usable (drained, down): resume it.
+        log "daemons running, node '$(node_state)'; resuming it"
+        wait_ready 0
+        log "ready (config $CONF)"
+        sinfo
+        return 0
+    fi
     local t0=$SECONDS
     install_packages
     start_munge
     # Daemons left half-alive by an earlier run are restarted with the new config.
-    stop_slurm_daemons quiet
+    stop_slurm_daemons
     write_conf
     : >"$BASE/log/slurmctld.log"
     : >"$BASE/log/slurmd.log"
@@ -207,7 +217,7 @@ kill_pidfile() {  # kill_pidfile PIDFILE NAME
     pid_alive "$pf" "$name" || return 0
     pid="$(cat "$pf")"
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+    for i in $(seq 100); do pid_alive "$pf" "$name" || return 0; sleep 0.1; done
     log "$name ($pid) ignored SIGTERM for 10 s; sending SIGKILL"
     kill -KILL "$pid" 2>/dev/null || true
 }
@@ -236,7 +246,7 @@ status() {
     fi
     sinfo 2>&1 || true
     log "not healthy: slurmctld $(pid_alive "$(conf_value SlurmctldPidFile)" slurmctld && echo up || echo down)," \
-        "slurmd $(pid_alive "$(conf_value SlurmdPidFile)" slurmd && echo up || echo down); run: slurm/local_cluster.sh start"
+        "slurmd $(pid_alive "$(conf_value SlurmdPidFile)" slurmd && echo up || echo down), node '$(node_state)'; run: slurm/local_cluster.sh start"
     return 1
 }
 
