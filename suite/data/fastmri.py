@@ -54,8 +54,11 @@ key                    shape                  meaning
 =====================  =====================  ==========================================
 
 Models reconstruct ``x_hat ~ target_complex`` (the k-space scale); raw-unit
-magnitudes are ``|x_hat| * std``, comparable to ``target * std + mean`` (equal
-wherever the clamp did not bite) and to ``max_value`` for fastMRI-style PSNR.
+magnitudes are ``|x_hat| * std``, comparable to ``target * std + mean`` and to
+``max_value`` for fastMRI-style PSNR. For single-coil data
+``|target_complex| * std`` equals the stored ESC target (wherever the clamp did
+not bite); for multi-coil data the SENSE-combined magnitude approximates the
+stored RSS target (the maps come from the low-resolution ACS only).
 """
 
 from __future__ import annotations
@@ -185,7 +188,15 @@ def magnitude_to_target(
     Returns:
         ``(B, H, W)``.
     """
-    mag = fastmri.complex_abs(x_hat) if x_hat.shape[-1] == 2 and x_hat.ndim == 4 else x_hat
+    if x_hat.ndim == 4 and x_hat.shape[-1] == 2:
+        mag = fastmri.complex_abs(x_hat)
+    elif x_hat.ndim == 3:
+        mag = x_hat
+    else:
+        raise ValueError(
+            f"x_hat must be complex (B, H, W, 2) or a magnitude (B, H, W), got shape {tuple(x_hat.shape)}; "
+            "convert a (B, 2, H, W) model output with x.permute(0, 2, 3, 1)"
+        )
     out = mag - (mean / (std + _NORM_EPS)).view(-1, 1, 1)
     return out.clamp(-clamp, clamp) if clamp is not None else out
 

@@ -154,6 +154,8 @@ def test_magnitude_to_target_inverts_normalisation(single):
     batch = torch.utils.data.default_collate([_dataset(single)[i] for i in range(2)])
     mapped = magnitude_to_target(batch["target_complex"], batch["mean"], batch["std"])
     torch.testing.assert_close(mapped, batch["target"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="permute"):
+        magnitude_to_target(batch["target_complex"].permute(0, 3, 1, 2), batch["mean"], batch["std"])
 
 
 def test_clamp(single):
