@@ -110,6 +110,26 @@ def _per_sample_residual(new: torch.Tensor, old: torch.Tensor) -> tuple[torch.Te
 
 
 @contextlib.contextmanager
+def _no_spectral_norm_updates(denoiser: nn.Module) -> Iterator[None]:
+    """Within the context the denoiser's forward does not advance its power iterations.
+
+    The models advance them once per step (``_prepare``), so every call of the
+    fixed-point map -- solver, phantom gradient and IFT backward -- sees one
+    function; outside, a :class:`DnCNN` trained on its own (denoiser
+    pre-training) keeps updating them per forward.
+    """
+    if not hasattr(denoiser, "sn_update_on_forward"):
+        yield
+        return
+    previous = denoiser.sn_update_on_forward
+    denoiser.sn_update_on_forward = False
+    try:
+        yield
+    finally:
+        denoiser.sn_update_on_forward = previous
+
+
+@contextlib.contextmanager
 def _cached_parametrizations(module: nn.Module) -> Iterator[None]:
     """Evaluates every parametrised weight once (e.g. spectral norms) and reuses it.
 
@@ -136,8 +156,6 @@ class _ProximalGradientModel(nn.Module):
             raise ValueError(f"eta must be a number > 0, got {eta!r}")
         self.denoiser = denoiser
         self.eta = float(eta)
-        if hasattr(denoiser, "sn_update_on_forward"):
-            denoiser.sn_update_on_forward = False  # once per model step, see _prepare
 
     def _prepare(self, x0: torch.Tensor) -> None:
         """Spectral-norm power iteration: once per model step, not per denoiser call."""
@@ -149,7 +167,8 @@ class _ProximalGradientModel(nn.Module):
 
         def f(x: torch.Tensor) -> torch.Tensor:
             grad = last_to_chan(physics.A_adjoint(physics.A(chan_to_last(x)) - y))
-            return self.denoiser(x - self.eta * grad)
+            with _no_spectral_norm_updates(self.denoiser):  # also in the IFT backward
+                return self.denoiser(x - self.eta * grad)
 
         return f
 

@@ -133,6 +133,11 @@ def test_spectral_norm_power_iteration_runs_once_per_training_step(monkeypatch):
     x, _ = model(y, physics)
     ((x - target) ** 2).mean().backward()
     assert len(calls) == 3 and len(set(map(id, calls))) == 3  # one per conv, not per solver call
+    # the denoiser on its own (pre-training) still updates on every training forward
+    assert model.denoiser.sn_update_on_forward
+    calls.clear()
+    model.denoiser(torch.randn(1, 2, H, W))
+    assert len(calls) == 3
 
 
 def test_default_denoiser_and_bad_arguments():
