@@ -12,15 +12,16 @@ samples yields one value.
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence, Union
+import numbers
+from typing import Dict, Iterator, Sequence, Union
 
 import torch
 
 DataRange = Union[None, float, int, torch.Tensor]
 
-# Pixels per chunk of planes processed together by the windowed metrics: the
-# five moment maps of a chunk stay in the CPU cache, which makes the filters
-# several times faster than sweeping whole batches through memory.
+# Pixels per chunk of planes processed together by SSIM and VIF: the moment
+# maps of a chunk stay in the CPU cache, which makes the filters several times
+# faster than sweeping whole batches through memory.
 CHUNK_PIXELS = 1 << 18
 
 
@@ -113,7 +114,7 @@ def data_range_per_sample(target: torch.Tensor, data_range: DataRange) -> torch.
     if data_range is None:
         flat = target.reshape(b, -1)
         return (flat.amax(dim=1) - flat.amin(dim=1)).to(torch.float64)
-    if isinstance(data_range, bool) or not isinstance(data_range, (int, float, torch.Tensor)):
+    if isinstance(data_range, bool) or not isinstance(data_range, (numbers.Real, torch.Tensor)):
         raise TypeError(
             "data_range must be None, a positive number or a (B,) tensor, "
             f"got {type(data_range).__name__}"
@@ -167,50 +168,141 @@ def gaussian_kernel_1d(size: int, sigma: float) -> list[float]:
     return [t / total for t in taps]
 
 
-def _shift_sum(flat: torch.Tensor, taps: Sequence[float], step: int) -> torch.Tensor:
-    """``out[j] = sum_i taps[i] * flat[j + i * step]`` on a 1-D tensor.
+class Scratch:
+    """Flat work buffers reused across the chunks of one metric call.
+
+    Filtering a chunk needs a few large temporaries; allocating them afresh for
+    every chunk costs page faults, so they are taken from named buffers that
+    grow to the largest size requested and are then reused. A tensor returned
+    by :meth:`take` is overwritten by the next request for the same name.
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype = dtype
+        self.device = device
+        self._buffers: Dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, numel: int) -> torch.Tensor:
+        """A 1-D buffer of ``numel`` elements (uninitialised) for ``name``."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=self.dtype, device=self.device)
+            self._buffers[name] = buf
+        return buf[:numel]
+
+
+def _shift_sum(flat: torch.Tensor, taps: Sequence[float], step: int, out: torch.Tensor) -> torch.Tensor:
+    """``out[j] = sum_i taps[i] * flat[j + i * step]`` on 1-D tensors.
 
     Args:
         flat: Contiguous 1-D tensor of length ``L``.
         taps: Filter taps.
         step: Spacing of the taps in ``flat``.
+        out: 1-D buffer of length ``L - (len(taps) - 1) * step``.
 
     Returns:
-        Contiguous 1-D tensor of length ``L - (len(taps) - 1) * step``.
+        ``out``.
     """
-    length = flat.numel() - (len(taps) - 1) * step
-    out = flat[:length] * taps[0]
+    length = out.numel()
+    torch.mul(flat[:length], taps[0], out=out)
     for i in range(1, len(taps)):
         out.add_(flat[i * step : i * step + length], alpha=taps[i])
     return out
 
 
-def filter_valid(x: torch.Tensor, taps: Sequence[float], stride: int = 1) -> torch.Tensor:
-    """Separable 2-D correlation of the last two axes, 'valid' region only.
+def filter_flat(flat: torch.Tensor, w: int, taps: Sequence[float], scratch: Scratch) -> torch.Tensor:
+    """Separable 2-D correlation of stacked ``(H, W)`` planes, flattened.
 
-    Applies the same 1-D ``taps`` along H then along W. Both passes are sums of
-    shifted copies of the flattened tensor (a shift by ``W`` moves one row, a
-    shift by 1 one column), so every operation runs over one contiguous array;
-    the outputs that straddle a row or plane boundary are computed but never
-    exposed. On a CPU this is several times faster than ``conv2d`` with one
-    channel. With ``stride=2`` the result is the stride-1 result sampled at
-    ``[::2, ::2]``.
+    The planes are seen as one contiguous 1-D array; the same ``taps`` are
+    applied along H (a shift by ``w`` moves one row) and then along W (a shift
+    by 1 moves one column), as sums of shifted slices: every operation runs over
+    one contiguous array, several times faster on a CPU than ``conv2d`` with one
+    channel. Entry ``j`` of the result is the filter response whose window
+    starts at flat position ``j``; entries whose window crosses a row or plane
+    boundary are meaningless (but finite) and :func:`valid_view` skips them.
 
     Args:
-        x: Tensor ``(..., H, W)`` with ``H, W >= len(taps)``.
+        flat: Contiguous 1-D tensor, planes of width ``w`` one after the other.
+        w: Plane width.
         taps: 1-D filter taps (symmetric filters make correlation and
             convolution coincide).
-        stride: Output subsampling step along both axes.
+        scratch: Work buffers (names ``"rows"`` and ``"cols"``).
 
     Returns:
-        Tensor ``(..., Ho, Wo)`` with ``Ho = (H - len(taps)) // stride + 1``
-        (and ``Wo`` likewise): a strided view into a new buffer, rows
-        contiguous.
+        1-D tensor of length ``flat.numel() - (len(taps) - 1) * (w + 1)`` in
+        ``scratch``.
     """
-    *lead, h, w = x.shape
     n = len(taps)
-    rows = _shift_sum(x.reshape(-1), taps, w)
-    both = _shift_sum(rows, taps, 1)
+    rows = _shift_sum(flat, taps, w, scratch.take("rows", flat.numel() - (n - 1) * w))
+    return _shift_sum(rows, taps, 1, scratch.take("cols", rows.numel() - (n - 1)))
+
+
+def _box_sum(flat: torch.Tensor, n: int, step: int, scratch: Scratch, tag: str) -> torch.Tensor:
+    """``out[j] = sum_{i < n} flat[j + i * step]`` by doubling.
+
+    Sums of 2, 4, 8, ... consecutive taps are built from each other and the
+    binary digits of ``n`` pick which to add: ``n = 7`` takes 4 additions
+    instead of 6.
+
+    Args:
+        flat: Contiguous 1-D tensor of length ``L``.
+        n: Number of taps, ``>= 2``.
+        step: Spacing of the taps in ``flat``.
+        scratch: Work buffers; the result lives in one of them.
+        tag: Prefix of the buffer names used.
+
+    Returns:
+        1-D tensor of length ``L - (n - 1) * step``.
+    """
+    length = flat.numel() - (n - 1) * step
+    blocks, size = [flat], 1
+    while 2 * size <= n:
+        prev = blocks[-1]
+        m = prev.numel() - size * step
+        nxt = scratch.take(f"{tag}{2 * size}", m)
+        blocks.append(torch.add(prev[:m], prev[size * step : size * step + m], out=nxt))
+        size *= 2
+    out, offset = blocks[-1][:length], size
+    for k in range(len(blocks) - 2, -1, -1):
+        if n >> k & 1:
+            out.add_(blocks[k][offset * step : offset * step + length])
+            offset += 1 << k
+    return out
+
+
+def box_sum_flat(flat: torch.Tensor, w: int, n: int, scratch: Scratch) -> torch.Tensor:
+    """Sums over ``n x n`` windows of stacked planes, flattened.
+
+    Same layout as :func:`filter_flat` with ``n`` unit taps, summed by
+    doubling along each axis.
+
+    Args:
+        flat: Contiguous 1-D tensor, planes of width ``w`` one after the other.
+        w: Plane width.
+        n: Window side, ``>= 2``.
+        scratch: Work buffers (names starting ``"box"``).
+
+    Returns:
+        1-D tensor of length ``flat.numel() - (n - 1) * (w + 1)`` in ``scratch``.
+    """
+    return _box_sum(_box_sum(flat, n, w, scratch, "box_rows"), n, 1, scratch, "box_cols")
+
+
+def valid_view(flat: torch.Tensor, h: int, w: int, n: int, stride: int = 1) -> torch.Tensor:
+    """The 'valid' outputs of :func:`filter_flat` or :func:`box_sum_flat`.
+
+    Args:
+        flat: Filter output for ``P`` planes of ``h x w`` pixels (or a slice of
+            it starting at the first plane of interest).
+        h: Plane height.
+        w: Plane width.
+        n: Filter length.
+        stride: Subsampling step along both axes.
+
+    Returns:
+        Strided view ``(P, Ho, Wo)`` with ``Ho = (h - n) // stride + 1`` (and
+        ``Wo`` likewise), rows contiguous.
+    """
     h_out, w_out = (h - n) // stride + 1, (w - n) // stride + 1
-    planes = both.as_strided((x.numel() // (h * w), h_out, w_out), (h * w, stride * w, stride))
-    return planes.view(*lead, h_out, w_out)
+    planes = (flat.numel() + (n - 1) * (w + 1)) // (h * w)
+    return flat.as_strided((planes, h_out, w_out), (h * w, stride * w, stride))

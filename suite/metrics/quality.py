@@ -19,18 +19,36 @@ import torch
 
 from suite.metrics._common import (
     DataRange,
+    Scratch,
+    box_sum_flat,
     check_pair,
     data_range_per_sample,
-    filter_valid,
     float_dtype,
     plane_chunks,
+    valid_view,
 )
 
 __all__ = ["psnr", "ssim", "nmse", "residual_map", "significant_residuals"]
 
 
+def _sum_squares(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``sum(x**2)`` as float64, overwriting ``x``.
+
+    torch sums float32 with cascaded partial sums, accurate to a few float32
+    ulps for any size, so float64 accumulation (several times slower) is not
+    needed.
+
+    Args:
+        x: Floating tensor ``(B, ...)`` that may be overwritten.
+
+    Returns:
+        ``(B,)`` float64.
+    """
+    return x.reshape(x.shape[0], -1).square_().sum(dim=1).to(torch.float64)
+
+
 def _squared_error_sum(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``sum((t - p)**2)`` accumulated in float64.
+    """Per-sample ``sum((t - p)**2)``.
 
     Args:
         p: ``(B, C, H, W)``.
@@ -39,8 +57,7 @@ def _squared_error_sum(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(B,)`` float64.
     """
-    diff = t.to(float_dtype(p, t)) - p
-    return diff.reshape(diff.shape[0], -1).square().sum(dim=1, dtype=torch.float64)
+    return _sum_squares(t.to(float_dtype(p, t)) - p)
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: DataRange = None) -> torch.Tensor:
@@ -78,7 +95,7 @@ def nmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ``(B,)`` float64 NMSE (dimensionless).
     """
     p, t = check_pair(pred, target)
-    energy = t.reshape(t.shape[0], -1).square().sum(dim=1, dtype=torch.float64)
+    energy = _sum_squares(t.to(float_dtype(t), copy=True))
     return _squared_error_sum(p, t) / energy
 
 
@@ -100,9 +117,9 @@ def ssim(
     padding is involved). The ``C`` plane values are averaged, so a volume
     ``(1, S, H, W)`` gives fastMRI's slice-averaged volume SSIM.
 
-    The images are divided by ``R`` first (SSIM is invariant to a common
-    rescaling of images and ``R``), which keeps float32 arithmetic accurate;
-    the work is done in float32 unless an input is float64.
+    The work is done in float32 unless an input is float64; each plane is
+    centred on its target mean before second moments are formed, which keeps
+    float32 results within about 1e-6 of skimage's float64 ones.
 
     Args:
         pred: Real tensor ``(B, H, W)`` or ``(B, C, H, W)``, ``H, W >= win_size``.
@@ -130,52 +147,74 @@ def ssim(
         )
     b, c, h, w = p.shape
     dtype = float_dtype(p, t)
-    scale = (1.0 / data_range_per_sample(t, data_range)).to(dtype).repeat_interleave(c)
-    x_planes, y_planes = t.reshape(b * c, h, w), p.reshape(b * c, h, w)
-    per_plane = torch.empty(b * c, dtype=torch.float64, device=p.device)
-    for chunk in plane_chunks(b * c, h, w):
-        s = scale[chunk].view(-1, 1, 1)
-        maps = torch.empty((5, chunk.stop - chunk.start, h, w), dtype=dtype, device=p.device)
-        torch.mul(x_planes[chunk], s, out=maps[0])
-        torch.mul(y_planes[chunk], s, out=maps[1])
-        per_plane[chunk] = _ssim_planes(maps, win_size, k1, k2)
-    return per_plane.view(b, c).mean(dim=1)
+    p, t = p.to(dtype), t.to(dtype)  # no copy for float input
+    scratch = Scratch(dtype, p.device)
+    out = torch.empty(b, c, dtype=torch.float64, device=p.device)
+    npix = float(win_size**2)
+    for i, r in enumerate(data_range_per_sample(t, data_range).tolist()):
+        # Constants of the SSIM formula in window-sum form (see _ssim_planes).
+        c1, c2 = 2.0 * (k1 * npix * r) ** 2, 2.0 * (npix - 1.0) * (k2 * r) ** 2
+        for chunk in plane_chunks(c, h, w):
+            out[i, chunk] = _ssim_planes(t[i, chunk], p[i, chunk], win_size, c1, c2, scratch)
+    return out.mean(dim=1)
 
 
-def _ssim_planes(maps: torch.Tensor, win_size: int, k1: float, k2: float) -> torch.Tensor:
-    """Mean SSIM of each plane for images already divided by the data range.
+def _ssim_planes(
+    x: torch.Tensor, y: torch.Tensor, win_size: int, c1: float, c2: float, scratch: Scratch
+) -> torch.Tensor:
+    """Mean SSIM of each plane.
+
+    skimage's SSIM map (window means, sample covariance ``n / (n - 1)`` over
+    ``n = win_size^2`` pixels) is rewritten with ``u = x + y`` and
+    ``v = x - y``, which needs four filtered maps instead of five. With window
+    sums ``Su, Sv, Suu, Svv`` and ``Pu = Suu - Su^2 / n``, ``Pv = Svv - Sv^2 / n``
+    (so that ``4 (n - 1) sigma_xy = Pu - Pv`` and
+    ``2 (n - 1) (sigma_x^2 + sigma_y^2) = Pu + Pv``), it is exactly::
+
+        (Su^2 - Sv^2 + c1) (Pu - Pv + c2)
+        ---------------------------------
+        (Su^2 + Sv^2 + c1) (Pu + Pv + c2)
+
+    with ``c1 = 2 (k1 R n)^2`` and ``c2 = 2 (n - 1) (k2 R)^2``. ``u`` is centred
+    on a constant near its mean before squaring (variances do not change),
+    which keeps float32 cancellation small; ``v`` needs no centring. All maps
+    are processed as flat contiguous arrays (see ``filter_flat``).
 
     Args:
-        maps: ``(5, N, H, W)`` work buffer: ``maps[0]`` holds the target planes
-            and ``maps[1]`` the predicted planes, both with data range 1; the
-            other three slots are overwritten.
+        x: Target planes ``(N, H, W)`` of one sample.
+        y: Predicted planes ``(N, H, W)``.
         win_size: Odd side of the uniform window.
-        k1: Luminance constant.
-        k2: Contrast constant.
+        c1: Luminance constant as above.
+        c2: Contrast-structure constant as above.
+        scratch: Work buffers.
 
     Returns:
         ``(N,)`` float64 mean of the SSIM map over the valid region.
     """
-    x, y = maps[0], maps[1]
-    # Centre each plane on its target mean before forming second moments:
-    # (co)variances do not change, and float32 cancellation shrinks.
-    offset = x.mean(dim=(1, 2), keepdim=True)
-    x.sub_(offset)
-    y.sub_(offset)
-    torch.mul(x, x, out=maps[2])
-    torch.mul(y, y, out=maps[3])
-    torch.mul(x, y, out=maps[4])
-    ux, uy, uxx, uyy, uxy = filter_valid(maps, [1.0 / win_size] * win_size).unbind(0)
-    cov_norm = win_size**2 / (win_size**2 - 1.0)
-    c1, c2 = k1**2, k2**2
-    a2 = uxy.sub_(ux * uy).mul_(2.0 * cov_norm).add_(c2)
-    b2 = uxx.sub_(ux.square()).add_(uyy.sub_(uy.square())).mul_(cov_norm).add_(c2)
-    ux.add_(offset)
-    uy.add_(offset)
-    a1 = (ux * uy).mul_(2.0).add_(c1)
-    b1 = ux.square_().add_(uy.square_()).add_(c1)
-    ssim_map = a1.mul_(a2).div_(b1.mul_(b2))
-    return ssim_map.mean(dim=(1, 2), dtype=torch.float64)
+    n_planes, h, w = x.shape
+    size = n_planes * h * w
+    npix = float(win_size**2)
+    maps = scratch.take("maps", 4 * size)
+    # Any constant works as centre; a subsampled mean is close enough.
+    centre = x[:, ::4, ::4].mean(dtype=maps.dtype).mul_(2.0)
+    u = torch.add(x, y, out=maps[:size].view(x.shape)).sub_(centre)
+    v = torch.sub(x, y, out=maps[size : 2 * size].view(x.shape))
+    # u^2 + c2 / n, so that the window sum carries c2 into Pu.
+    torch.addcmul(u.new_full((), c2 / npix), u, u, out=maps[2 * size : 3 * size].view(x.shape))
+    torch.mul(v, v, out=maps[3 * size :].view(x.shape))
+    sums = box_sum_flat(maps, w, win_size, scratch)
+    length = size - (win_size - 1) * (w + 1)
+    su, sv, pu, pv = (sums[k * size : k * size + length] for k in range(4))
+    pu.addcmul_(su, su, value=-1.0 / npix)  # Pu + c2
+    pv.addcmul_(sv, sv, value=-1.0 / npix)
+    var = torch.add(pu, pv, out=scratch.take("var", length))
+    cs = torch.sub(pu, pv, out=pv)
+    su.add_(centre * npix)  # the sum of x + y itself
+    torch.addcmul(su.new_full((), c1), su, su, out=su)
+    lum_den = torch.addcmul(su, sv, sv, out=pu)
+    lum = su.addcmul_(sv, sv, value=-1.0)
+    ssim_map = lum.mul_(cs).div_(lum_den.mul_(var))
+    return valid_view(ssim_map, h, w, win_size).mean(dim=(1, 2)).to(torch.float64)
 
 
 def residual_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -133,6 +133,15 @@ def test_ssim_options_match_skimage():
     assert got != pytest.approx(ssim(_t(pred), _t(target), data_range=255.0).item(), abs=1e-3)
 
 
+def test_uint8_input():
+    target = data.camera()[100:227, 200:331]
+    pred = np.clip(_noise(target.astype(np.float64)), 0, 255).astype(np.uint8)
+    p, t = torch.from_numpy(pred)[None], torch.from_numpy(target)[None]
+    assert psnr(p, t, 255.0).item() == pytest.approx(peak_signal_noise_ratio(target, pred, data_range=255), abs=TOL)
+    assert ssim(p, t, 255.0).item() == pytest.approx(structural_similarity(target, pred, data_range=255), abs=TOL)
+    assert vif(p, t, 255.0).item() == pytest.approx(sewar.full_ref.vifp(target, pred, sigma_nsq=2), abs=TOL)
+
+
 def test_full_size_goldhill_matches_skimage_and_sewar():
     ref, dist = _goldhill()
     p, t = _t(dist, dtype=torch.float32), _t(ref, dtype=torch.float32)
