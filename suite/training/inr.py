@@ -145,8 +145,13 @@ def _save_png(img: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def _write_artifacts(outdir: Path, tracker: Tracker, pred: torch.Tensor, data: ImageData, results: dict, trace: dict) -> None:
-    """Reconstruction, residual map (scaled to its max), metrics and solver traces."""
+def _write_artifacts(outdir: Path, tracker: Tracker, pred: torch.Tensor, data: ImageData, results: dict, trace: dict,
+                     stage1: torch.Tensor | None = None) -> None:
+    """Reconstruction, residual map (scaled to its max), metrics and solver traces.
+
+    For CRR also the frozen DEQ's (stage-1) reconstruction, ``stage1.png`` and
+    ``images.pt["stage1"]``, so reports can compare the stages.
+    """
     outdir.mkdir(parents=True, exist_ok=True)
     residual = M.residual_map(pred, data.image)
     paths = [
@@ -154,7 +159,11 @@ def _write_artifacts(outdir: Path, tracker: Tracker, pred: torch.Tensor, data: I
         _save_png(residual / residual.max().clamp_min(1e-12), outdir / "residual.png"),
         _save_png(data.image, outdir / "ground_truth.png"),
     ]
-    torch.save({"reconstruction": pred.cpu(), "ground_truth": data.image.cpu()}, outdir / "images.pt")
+    images = {"reconstruction": pred.cpu(), "ground_truth": data.image.cpu()}
+    if stage1 is not None:
+        images["stage1"] = stage1.cpu()
+        paths.append(_save_png(stage1, outdir / "stage1.png"))
+    torch.save(images, outdir / "images.pt")
     paths.append(outdir / "images.pt")
     for name, obj in (("metrics.json", results), ("solver_trace.json", trace)):
         (outdir / name).write_text(json.dumps(obj, indent=2))
@@ -286,5 +295,5 @@ def fit_inr(
         results["crr/best_epoch"] = float(prog.best["epoch"])
     tracker.log_metrics(results, step=e1 + (cfg.crr.epochs if is_crr else 0))
     if outdir is not None:
-        _write_artifacts(Path(outdir), tracker, final_img, data, results, trace)
+        _write_artifacts(Path(outdir), tracker, final_img, data, results, trace, stage1_img if is_crr else None)
     return results

@@ -73,7 +73,7 @@ def test_finished_run_records_what_the_design_lists(sweep_dir):
     steps = [x.step for x in client.get_metric_history(run.info.run_id, "loss")]
     assert steps == [0, 1, 2, 3]  # 2 + 2 epochs, each once
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "reconstruction.png", "residual.png", "metrics.json", "solver_trace.json"} <= arts
+    assert {"config.yaml", "reconstruction.png", "stage1.png", "residual.png", "images.pt", "metrics.json", "solver_trace.json"} <= arts
 
 
 def test_rerun_skips_finished_and_retries_failed(sweep_dir):
