@@ -115,6 +115,22 @@ class CRRConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Definitions of the spectral metrics, and the noise-robustness grid.
+
+    HFE: share (%) of the centred spectrum's energy (``hfe_mode`` ``power`` =
+    |F|², ``magnitude`` = |F|) outside a disk of radius ``hfe_cutoff`` × min(H, W)/2.
+    SR: share (%) of pixels with |gt − pred| > ``sr_threshold`` × range(gt).
+    ``noise_sigmas``: noise levels for robustness evaluation (families that have one).
+    """
+
+    hfe_cutoff: float = _range(0.25, 0.0, 1.0)
+    hfe_mode: str = _choice("power", ("power", "magnitude"))
+    sr_threshold: float = _range(0.05, 0.0, 1.0)
+    noise_sigmas: tuple[float, ...] = (0.0, 0.005, 0.01, 0.02, 0.05)
+
+
+@dataclass(frozen=True)
 class ResourcesConfig:
     """What one cell needs: world size = ``nodes`` × ``tasks_per_node`` DDP processes.
 
@@ -140,6 +156,7 @@ class ExperimentConfig:
     deq: DEQConfig = field(default_factory=DEQConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     crr: CRRConfig = field(default_factory=CRRConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
 

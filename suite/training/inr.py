@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from suite import metrics as M
-from suite.config import ExperimentConfig
+from suite.config import EvalConfig, ExperimentConfig
 from suite.data.images import ImageData, pixels_to_image
 from suite.training.checkpoint import Checkpointer
 from suite.training.common import peak_memory_mb, pick_device, reset_peak_memory, rng_state, set_rng_state
@@ -125,15 +125,15 @@ def _refiner_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: ImageData
     return {"loss": total / len(batches)}
 
 
-def final_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+def final_metrics(pred: torch.Tensor, target: torch.Tensor, ev: EvalConfig = EvalConfig()) -> dict[str, float]:
     """Image quality of a final ``(1, 1, H, W)`` output against its ground truth."""
     return {
         "psnr": float(M.psnr(pred, target)[0]),
         "ssim": float(M.ssim(pred, target)[0]),
         "nmse": float(M.nmse(pred, target)[0]),
         "vif": float(M.vif(pred, target)[0]),
-        "hfe": float(M.hfe(pred, target)[0]),
-        "sr": float(M.significant_residuals(pred, target)[0]),
+        "hfe": float(M.hfe(pred, target, cutoff=ev.hfe_cutoff, mode=ev.hfe_mode)[0]),
+        "sr": float(M.significant_residuals(pred, target, threshold=ev.sr_threshold)[0]),
     }
 
 
@@ -285,7 +285,7 @@ def fit_inr(
         with torch.no_grad():
             final_img = pixels_to_image(refine_fn(data.coords), *data.shape)
 
-    results = final_metrics(final_img, data.image)
+    results = final_metrics(final_img, data.image, cfg.eval)
     results["mem/peak_mb"] = peak_memory_mb(device)
     results["time/total_s"] = time.perf_counter() - t_start
     results["solver/eval_nstep"] = stats["nstep"]

@@ -73,3 +73,24 @@ def test_flatten_uses_dotted_keys():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_list_values_are_checked_elementwise():
+    assert load_config(None, ["eval.noise_sigmas=[0, 0.1]"]).eval.noise_sigmas == (0.0, 0.1)
+    with pytest.raises(ConfigError, match=r"eval.noise_sigmas\[1\].*number"):
+        load_config(None, ["eval.noise_sigmas=[0, high]"])
+    with pytest.raises(ConfigError, match="eval.noise_sigmas.*list"):
+        load_config(None, ["eval.noise_sigmas=0.1"])
+
+
+def test_spectral_metric_definitions_are_configurable():
+    import torch
+
+    from suite.training.inr import final_metrics
+
+    gen = torch.Generator().manual_seed(0)
+    gt = torch.rand(1, 1, 48, 48, generator=gen)
+    pred = (gt + 0.1 * torch.randn(1, 1, 48, 48, generator=gen)).clamp(0, 1)
+    base = final_metrics(pred, gt, load_config(None).eval)
+    wide = final_metrics(pred, gt, load_config(None, ["eval.hfe_cutoff=0.5", "eval.sr_threshold=0.2"]).eval)
+    assert wide["hfe"] < base["hfe"] and wide["sr"] < base["sr"]
