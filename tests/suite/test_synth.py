@@ -3,7 +3,6 @@
 import h5py
 import numpy as np
 import pytest
-import torch
 
 import fastmri
 from fastmri.data import SliceDataset
