@@ -122,11 +122,10 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def cmd_data(a: argparse.Namespace) -> int:
-    from suite.data.synth import write_synthetic_dataset
+    from suite.data.synth import synth_command
 
-    files = write_synthetic_dataset(Path(a.out), n_volumes=a.volumes, n_slices=a.slices, shape=tuple(a.size),
-                                    n_coils=a.coils, seed=a.seed)
-    print(f"{len(files)} synthetic fastMRI volumes written to {Path(a.out).absolute()}")
+    print(synth_command(a.out, volumes=a.volumes, slices=a.slices, coils=a.coils, size=tuple(a.size), seed=a.seed,
+                        recon_size=tuple(a.recon_size) if a.recon_size else None, anatomy=a.anatomy))
     return 0
 
 
@@ -216,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     d.add_argument("--volumes", type=int, default=4)
     d.add_argument("--slices", type=int, default=8)
-    d.add_argument("--coils", type=int, default=4, help="0 or 1: single-coil")
-    d.add_argument("--size", type=int, nargs=2, default=[320, 320], metavar=("H", "W"))
+    d.add_argument("--coils", type=int, default=0, help="0: single-coil; N: multi-coil with N coils")
+    d.add_argument("--size", type=int, nargs=2, default=[640, 368], metavar=("H", "W"), help="k-space matrix")
+    d.add_argument("--recon-size", type=int, nargs=2, default=None, metavar=("H", "W"), help="target size (320 320)")
+    d.add_argument("--anatomy", default="knee", choices=["knee", "brain"])
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_data)
 
