@@ -136,12 +136,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     cfg_path = Path(a.config or f"configs/bench/{a.name}.yaml")
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
-    try:
-        mod = importlib.import_module(f"jobs.bench.{a.name}")
-    except ModuleNotFoundError:
-        from jobs.bench import available
+    import pkgutil
 
-        raise ValueError(f"unknown benchmark {a.name!r}; available: {', '.join(available())}") from None
+    import jobs.bench
+
+    names = sorted(m.name for m in pkgutil.iter_modules(jobs.bench.__path__) if not m.name.startswith("_"))
+    if a.name not in names:
+        raise ValueError(f"unknown benchmark {a.name!r}; available: {', '.join(names)}")
+    mod = importlib.import_module(f"jobs.bench.{a.name}")
     return int(mod.main(cfg) or 0)
 
 
