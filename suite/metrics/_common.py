@@ -1,4 +1,4 @@
-"""Shared input checks and filters for :mod:`suite.metrics`.
+"""Shared input checks for :mod:`suite.metrics`.
 
 Complex convention: every metric takes real-valued tensors only. Complex MRI
 images must be reduced to a real image first (e.g. ``fastmri.complex_abs`` or
@@ -11,19 +11,12 @@ samples yields one value.
 
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Dict, Iterator, Sequence, Union
+from typing import Union
 
 import torch
 
 DataRange = Union[None, float, int, torch.Tensor]
-
-# Pixels per chunk of planes processed together by SSIM and VIF: the moment
-# maps of a chunk stay in the CPU cache, which makes the filters several times
-# faster than sweeping whole batches through memory.
-CHUNK_PIXELS = 1 << 18
-
 
 def check_image(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     """Check one metric input and view it as ``(B, C, H, W)``.
@@ -129,180 +122,3 @@ def data_range_per_sample(target: torch.Tensor, data_range: DataRange) -> torch.
     if not bool(torch.all(torch.isfinite(r) & (r > 0))):
         raise ValueError(f"data_range must be positive and finite, got {r.tolist()}")
     return r
-
-
-def plane_chunks(n_planes: int, h: int, w: int) -> Iterator[slice]:
-    """Split ``n_planes`` planes of ``h x w`` pixels into cache-sized slices.
-
-    Args:
-        n_planes: Number of ``(H, W)`` planes.
-        h: Plane height.
-        w: Plane width.
-
-    Yields:
-        Consecutive slices covering ``range(n_planes)``, each at least one
-        plane and at most about :data:`CHUNK_PIXELS` pixels.
-    """
-    step = max(1, CHUNK_PIXELS // (h * w))
-    for start in range(0, n_planes, step):
-        yield slice(start, min(start + step, n_planes))
-
-
-def gaussian_kernel_1d(size: int, sigma: float) -> list[float]:
-    """Normalised 1-D Gaussian taps, centred, as MATLAB's ``fspecial``.
-
-    The 2-D kernel ``fspecial('gaussian', size, sigma)`` is the outer product of
-    these taps with themselves (no tap falls under MATLAB's ``eps`` cut-off for
-    the sizes used here).
-
-    Args:
-        size: Odd number of taps.
-        sigma: Standard deviation in pixels.
-
-    Returns:
-        ``size`` Python floats summing to one.
-    """
-    half = (size - 1) / 2
-    taps = [math.exp(-((i - half) ** 2) / (2.0 * sigma**2)) for i in range(size)]
-    total = math.fsum(taps)
-    return [t / total for t in taps]
-
-
-class Scratch:
-    """Flat work buffers reused across the chunks of one metric call.
-
-    Filtering a chunk needs a few large temporaries; allocating them afresh for
-    every chunk costs page faults, so they are taken from named buffers that
-    grow to the largest size requested and are then reused. A tensor returned
-    by :meth:`take` is overwritten by the next request for the same name.
-    """
-
-    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
-        self.dtype = dtype
-        self.device = device
-        self._buffers: Dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, numel: int) -> torch.Tensor:
-        """A 1-D buffer of ``numel`` elements (uninitialised) for ``name``."""
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=self.dtype, device=self.device)
-            self._buffers[name] = buf
-        return buf[:numel]
-
-
-def _shift_sum(flat: torch.Tensor, taps: Sequence[float], step: int, out: torch.Tensor) -> torch.Tensor:
-    """``out[j] = sum_i taps[i] * flat[j + i * step]`` on 1-D tensors.
-
-    Args:
-        flat: Contiguous 1-D tensor of length ``L``.
-        taps: Filter taps.
-        step: Spacing of the taps in ``flat``.
-        out: 1-D buffer of length ``L - (len(taps) - 1) * step``.
-
-    Returns:
-        ``out``.
-    """
-    length = out.numel()
-    torch.mul(flat[:length], taps[0], out=out)
-    for i in range(1, len(taps)):
-        out.add_(flat[i * step : i * step + length], alpha=taps[i])
-    return out
-
-
-def filter_flat(flat: torch.Tensor, w: int, taps: Sequence[float], scratch: Scratch) -> torch.Tensor:
-    """Separable 2-D correlation of stacked ``(H, W)`` planes, flattened.
-
-    The planes are seen as one contiguous 1-D array; the same ``taps`` are
-    applied along H (a shift by ``w`` moves one row) and then along W (a shift
-    by 1 moves one column), as sums of shifted slices: every operation runs over
-    one contiguous array, several times faster on a CPU than ``conv2d`` with one
-    channel. Entry ``j`` of the result is the filter response whose window
-    starts at flat position ``j``; entries whose window crosses a row or plane
-    boundary are meaningless (but finite) and :func:`valid_view` skips them.
-
-    Args:
-        flat: Contiguous 1-D tensor, planes of width ``w`` one after the other.
-        w: Plane width.
-        taps: 1-D filter taps (symmetric filters make correlation and
-            convolution coincide).
-        scratch: Work buffers (names ``"rows"`` and ``"cols"``).
-
-    Returns:
-        1-D tensor of length ``flat.numel() - (len(taps) - 1) * (w + 1)`` in
-        ``scratch``.
-    """
-    n = len(taps)
-    rows = _shift_sum(flat, taps, w, scratch.take("rows", flat.numel() - (n - 1) * w))
-    return _shift_sum(rows, taps, 1, scratch.take("cols", rows.numel() - (n - 1)))
-
-
-def _box_sum(flat: torch.Tensor, n: int, step: int, scratch: Scratch, tag: str) -> torch.Tensor:
-    """``out[j] = sum_{i < n} flat[j + i * step]`` by doubling.
-
-    Sums of 2, 4, 8, ... consecutive taps are built from each other and the
-    binary digits of ``n`` pick which to add: ``n = 7`` takes 4 additions
-    instead of 6.
-
-    Args:
-        flat: Contiguous 1-D tensor of length ``L``.
-        n: Number of taps, ``>= 2``.
-        step: Spacing of the taps in ``flat``.
-        scratch: Work buffers; the result lives in one of them.
-        tag: Prefix of the buffer names used.
-
-    Returns:
-        1-D tensor of length ``L - (n - 1) * step``.
-    """
-    length = flat.numel() - (n - 1) * step
-    blocks, size = [flat], 1
-    while 2 * size <= n:
-        prev = blocks[-1]
-        m = prev.numel() - size * step
-        nxt = scratch.take(f"{tag}{2 * size}", m)
-        blocks.append(torch.add(prev[:m], prev[size * step : size * step + m], out=nxt))
-        size *= 2
-    out, offset = blocks[-1][:length], size
-    for k in range(len(blocks) - 2, -1, -1):
-        if n >> k & 1:
-            out.add_(blocks[k][offset * step : offset * step + length])
-            offset += 1 << k
-    return out
-
-
-def box_sum_flat(flat: torch.Tensor, w: int, n: int, scratch: Scratch) -> torch.Tensor:
-    """Sums over ``n x n`` windows of stacked planes, flattened.
-
-    Same layout as :func:`filter_flat` with ``n`` unit taps, summed by
-    doubling along each axis.
-
-    Args:
-        flat: Contiguous 1-D tensor, planes of width ``w`` one after the other.
-        w: Plane width.
-        n: Window side, ``>= 2``.
-        scratch: Work buffers (names starting ``"box"``).
-
-    Returns:
-        1-D tensor of length ``flat.numel() - (n - 1) * (w + 1)`` in ``scratch``.
-    """
-    return _box_sum(_box_sum(flat, n, w, scratch, "box_rows"), n, 1, scratch, "box_cols")
-
-
-def valid_view(flat: torch.Tensor, h: int, w: int, n: int, stride: int = 1) -> torch.Tensor:
-    """The 'valid' outputs of :func:`filter_flat` or :func:`box_sum_flat`.
-
-    Args:
-        flat: Filter output for ``P`` planes of ``h x w`` pixels (or a slice of
-            it starting at the first plane of interest).
-        h: Plane height.
-        w: Plane width.
-        n: Filter length.
-        stride: Subsampling step along both axes.
-
-    Returns:
-        Strided view ``(P, Ho, Wo)`` with ``Ho = (h - n) // stride + 1`` (and
-        ``Wo`` likewise), rows contiguous.
-    """
-    h_out, w_out = (h - n) // stride + 1, (w - n) // stride + 1
-    planes = (flat.numel() + (n - 1) * (w + 1)) // (h * w)
-    return flat.as_strided((planes, h_out, w_out), (h * w, stride * w, stride))

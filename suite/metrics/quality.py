@@ -15,18 +15,12 @@ ground truth, as scikit-image does.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from suite.metrics._common import (
-    DataRange,
-    Scratch,
-    box_sum_flat,
-    check_pair,
-    data_range_per_sample,
-    float_dtype,
-    plane_chunks,
-    valid_view,
-)
+from suite.metrics._common import DataRange, check_pair, data_range_per_sample, float_dtype
+from suite.metrics._filters import Scratch, box_sum_flat, plane_chunks, valid_view
 
 __all__ = ["psnr", "ssim", "nmse", "residual_map", "significant_residuals"]
 
@@ -149,18 +143,30 @@ def ssim(
     dtype = float_dtype(p, t)
     p, t = p.to(dtype), t.to(dtype)  # no copy for float input
     scratch = Scratch(dtype, p.device)
-    out = torch.empty(b, c, dtype=torch.float64, device=p.device)
     npix = float(win_size**2)
-    for i, r in enumerate(data_range_per_sample(t, data_range).tolist()):
+    ranges = data_range_per_sample(t, data_range).tolist()
+    centres = t[:, :, ::4, ::4].mean(dim=(2, 3)).tolist()  # near each plane's mean
+    out = torch.empty(b, c, dtype=dtype, device=p.device)
+    for i in range(b):
         # Constants of the SSIM formula in window-sum form (see _ssim_planes).
-        c1, c2 = 2.0 * (k1 * npix * r) ** 2, 2.0 * (npix - 1.0) * (k2 * r) ** 2
+        c1 = p.new_full((), 2.0 * (k1 * npix * ranges[i]) ** 2)
+        c2_per_pixel = p.new_full((), 2.0 * (npix - 1.0) * (k2 * ranges[i]) ** 2 / npix)
         for chunk in plane_chunks(c, h, w):
-            out[i, chunk] = _ssim_planes(t[i, chunk], p[i, chunk], win_size, c1, c2, scratch)
-    return out.mean(dim=1)
+            centre = math.fsum(centres[i][chunk]) / (chunk.stop - chunk.start)
+            out[i, chunk] = _ssim_planes(
+                t[i, chunk], p[i, chunk], win_size, centre, c1, c2_per_pixel, scratch
+            )
+    return out.mean(dim=1, dtype=torch.float64)
 
 
 def _ssim_planes(
-    x: torch.Tensor, y: torch.Tensor, win_size: int, c1: float, c2: float, scratch: Scratch
+    x: torch.Tensor,
+    y: torch.Tensor,
+    win_size: int,
+    centre: float,
+    c1: torch.Tensor,
+    c2_per_pixel: torch.Tensor,
+    scratch: Scratch,
 ) -> torch.Tensor:
     """Mean SSIM of each plane.
 
@@ -175,46 +181,44 @@ def _ssim_planes(
         ---------------------------------
         (Su^2 + Sv^2 + c1) (Pu + Pv + c2)
 
-    with ``c1 = 2 (k1 R n)^2`` and ``c2 = 2 (n - 1) (k2 R)^2``. ``u`` is centred
-    on a constant near its mean before squaring (variances do not change),
-    which keeps float32 cancellation small; ``v`` needs no centring. All maps
-    are processed as flat contiguous arrays (see ``filter_flat``).
+    with ``c1 = 2 (k1 R n)^2`` and ``c2 = 2 (n - 1) (k2 R)^2``; ``c2`` enters
+    as ``c2 / n`` added to every ``u^2``. ``u`` is centred on ``2 centre``
+    before squaring (variances do not change), which keeps float32
+    cancellation small; ``v`` needs no centring.
 
     Args:
         x: Target planes ``(N, H, W)`` of one sample.
         y: Predicted planes ``(N, H, W)``.
         win_size: Odd side of the uniform window.
-        c1: Luminance constant as above.
-        c2: Contrast-structure constant as above.
+        centre: A value near the mean of ``x``.
+        c1: 0-dim luminance constant as above.
+        c2_per_pixel: 0-dim ``c2 / n``.
         scratch: Work buffers.
 
     Returns:
-        ``(N,)`` float64 mean of the SSIM map over the valid region.
+        ``(N,)`` mean of the SSIM map over the valid region.
     """
-    n_planes, h, w = x.shape
-    size = n_planes * h * w
+    shape = x.shape
+    size, w = x.numel(), shape[-1]
     npix = float(win_size**2)
-    maps = scratch.take("maps", 4 * size)
-    # Any constant works as centre; a subsampled mean is close enough.
-    centre = x[:, ::4, ::4].mean(dtype=maps.dtype).mul_(2.0)
-    u = torch.add(x, y, out=maps[:size].view(x.shape)).sub_(centre)
-    v = torch.sub(x, y, out=maps[size : 2 * size].view(x.shape))
-    # u^2 + c2 / n, so that the window sum carries c2 into Pu.
-    torch.addcmul(u.new_full((), c2 / npix), u, u, out=maps[2 * size : 3 * size].view(x.shape))
-    torch.mul(v, v, out=maps[3 * size :].view(x.shape))
-    sums = box_sum_flat(maps, w, win_size, scratch)
-    length = size - (win_size - 1) * (w + 1)
-    su, sv, pu, pv = (sums[k * size : k * size + length] for k in range(4))
+    scratch.take("maps", 4 * size)
+    u = torch.add(x, y, out=scratch.part("maps", 0, size, shape)).sub_(2.0 * centre)
+    v = torch.sub(x, y, out=scratch.part("maps", size, size, shape))
+    torch.addcmul(c2_per_pixel, u, u, out=scratch.part("maps", 2 * size, size, shape))
+    torch.mul(v, v, out=scratch.part("maps", 3 * size, size, shape))
+    name, _ = box_sum_flat(scratch, "maps", 4 * size, w, win_size)
+    length = size - (win_size - 1) * (w + 1)  # responses per map
+    su, sv, pu, pv = (scratch.part(name, k * size, length) for k in range(4))
     pu.addcmul_(su, su, value=-1.0 / npix)  # Pu + c2
     pv.addcmul_(sv, sv, value=-1.0 / npix)
     var = torch.add(pu, pv, out=scratch.take("var", length))
     cs = torch.sub(pu, pv, out=pv)
-    su.add_(centre * npix)  # the sum of x + y itself
-    torch.addcmul(su.new_full((), c1), su, su, out=su)
+    su.add_(2.0 * centre * npix)  # the window sum of x + y itself
+    torch.addcmul(c1, su, su, out=su)
     lum_den = torch.addcmul(su, sv, sv, out=pu)
     lum = su.addcmul_(sv, sv, value=-1.0)
     ssim_map = lum.mul_(cs).div_(lum_den.mul_(var))
-    return valid_view(ssim_map, h, w, win_size).mean(dim=(1, 2)).to(torch.float64)
+    return valid_view(ssim_map, shape[-2], w, win_size).mean(dim=(1, 2))
 
 
 def residual_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

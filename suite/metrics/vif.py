@@ -18,17 +18,8 @@ from typing import List, Tuple
 import torch
 from torch.nn.functional import threshold_
 
-from suite.metrics._common import (
-    DataRange,
-    Scratch,
-    check_pair,
-    data_range_per_sample,
-    filter_flat,
-    float_dtype,
-    gaussian_kernel_1d,
-    plane_chunks,
-    valid_view,
-)
+from suite.metrics._common import DataRange, check_pair, data_range_per_sample, float_dtype
+from suite.metrics._filters import Scratch, filter_flat, gaussian_kernel_1d, plane_chunks, valid_view
 
 __all__ = ["vif"]
 
@@ -57,7 +48,7 @@ def _check_size(h: int, w: int, shape: tuple) -> None:
 
 
 def _scale_terms(
-    maps: torch.Tensor, n_planes: int, h: int, w: int, win: List[float], sigma_nsq: float, scratch: Scratch
+    scratch: Scratch, n_planes: int, h: int, w: int, win: List[float], sigma_nsq: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Numerator and denominator sums of one scale.
 
@@ -67,27 +58,27 @@ def _scale_terms(
     variance ``s_v = s_dist - g s_cross`` is at least EPS.
 
     Args:
-        maps: Flat work buffer of at least ``5 N h w`` elements whose first two
-            ``N h w`` blocks hold the reference and distorted planes.
+        scratch: Work buffers; buffer ``"maps"`` holds the reference planes and
+            then the distorted planes (``N h w`` elements each) and has room
+            for three more such blocks.
         n_planes: ``N``.
         h: Plane height at this scale.
         w: Plane width at this scale.
         win: 1-D Gaussian taps of this scale.
         sigma_nsq: Visual noise variance.
-        scratch: Work buffers for the filter.
 
     Returns:
         ``(num, den)``, each ``(N,)`` float64: the plane sums of
         ``ln(1 + g^2 s_ref / (s_v + sigma_nsq))`` and ``ln(1 + s_ref / sigma_nsq)``.
     """
     size = n_planes * h * w
-    ref, dist = maps[:size], maps[size : 2 * size]
-    torch.mul(ref, ref, out=maps[2 * size : 3 * size])
-    torch.mul(dist, dist, out=maps[3 * size : 4 * size])
-    torch.mul(ref, dist, out=maps[4 * size : 5 * size])
-    moments = filter_flat(maps[: 5 * size], w, win, scratch)
-    length = size - (len(win) - 1) * (w + 1)
-    mu1, mu2, s1, s2, s12 = (moments[k * size : k * size + length] for k in range(5))
+    ref, dist = scratch.part("maps", 0, size), scratch.part("maps", size, size)
+    torch.mul(ref, ref, out=scratch.part("maps", 2 * size, size))
+    torch.mul(dist, dist, out=scratch.part("maps", 3 * size, size))
+    torch.mul(ref, dist, out=scratch.part("maps", 4 * size, size))
+    name, _ = filter_flat(scratch, "maps", 5 * size, w, win)
+    length = size - (len(win) - 1) * (w + 1)  # responses per map
+    mu1, mu2, s1, s2, s12 = (scratch.part(name, k * size, length) for k in range(5))
     threshold_(s1.addcmul_(mu1, mu1, value=-1.0), _EPS, 0.0)  # sigma_ref^2, zeroed below EPS
     s2.addcmul_(mu2, mu2, value=-1.0)  # sigma_dist^2
     s12.addcmul_(mu1, mu2, value=-1.0)  # sigma_cross
@@ -145,23 +136,31 @@ def vif(
     p, t = p.to(dtype), t.to(dtype)  # no copy for float input
     scale = (255.0 / data_range_per_sample(t, data_range)).to(dtype).repeat_interleave(c).view(-1, 1, 1)
     ref_planes, dist_planes = t.reshape(b * c, h, w), p.reshape(b * c, h, w)
+    # VIFp ignores a constant added to both images; centring keeps float32 accurate.
+    centres = ref_planes[:, ::4, ::4].mean(dim=(1, 2), keepdim=True)
     scratch = Scratch(dtype, p.device)
     per_plane = torch.empty(b * c, dtype=torch.float64, device=p.device)
     for chunk in plane_chunks(b * c, h, w):
         per_plane[chunk] = _vif_planes(
-            ref_planes[chunk], dist_planes[chunk], scale[chunk], float(sigma_nsq), scratch
+            ref_planes[chunk], dist_planes[chunk], centres[chunk], scale[chunk], float(sigma_nsq), scratch
         )
     return per_plane.view(b, c).mean(dim=1)
 
 
 def _vif_planes(
-    ref: torch.Tensor, dist: torch.Tensor, scale: torch.Tensor, sigma_nsq: float, scratch: Scratch
+    ref: torch.Tensor,
+    dist: torch.Tensor,
+    centre: torch.Tensor,
+    scale: torch.Tensor,
+    sigma_nsq: float,
+    scratch: Scratch,
 ) -> torch.Tensor:
     """VIFp of each plane.
 
     Args:
         ref: Reference planes ``(N, H, W)``.
         dist: Distorted planes ``(N, H, W)``.
+        centre: ``(N, 1, 1)`` values near the reference planes' means.
         scale: ``(N, 1, 1)`` factors mapping the planes onto the 0-255 scale.
         sigma_nsq: Visual noise variance.
         scratch: Work buffers.
@@ -171,26 +170,24 @@ def _vif_planes(
     """
     n_planes, h, w = ref.shape
     size = n_planes * h * w
-    maps = scratch.take("maps", 5 * size)
-    # VIFp ignores a constant added to both images; centring keeps float32 accurate.
-    centre = ref[:, ::4, ::4].mean(dim=(1, 2), keepdim=True, dtype=maps.dtype)
-    torch.sub(ref, centre, out=maps[:size].view(ref.shape)).mul_(scale)
-    torch.sub(dist, centre, out=maps[size : 2 * size].view(ref.shape)).mul_(scale)
+    scratch.take("maps", 5 * size)
+    torch.sub(ref, centre, out=scratch.part("maps", 0, size, ref.shape)).mul_(scale)
+    torch.sub(dist, centre, out=scratch.part("maps", size, size, ref.shape)).mul_(scale)
     num = torch.zeros(n_planes, dtype=torch.float64, device=ref.device)
     den = torch.zeros_like(num)
     for level, win in enumerate(_WINDOWS):
         if level > 0:
-            # Filter both images with this scale's window and keep every other pixel.
-            smooth = filter_flat(maps[: 2 * size], w, win, scratch)
+            # Filter both images with this scale's window, keep every other pixel.
+            name, _ = filter_flat(scratch, "maps", 2 * size, w, win)
             h2, w2 = (h - len(win)) // 2 + 1, (w - len(win)) // 2 + 1
             size2 = n_planes * h2 * w2
-            for k in range(2):  # smooth lives in scratch, not in maps
-                part = smooth[k * size : (k + 1) * size - (len(win) - 1) * (w + 1)]
-                maps[k * size2 : (k + 1) * size2].view(n_planes, h2, w2).copy_(
-                    valid_view(part, h, w, len(win), stride=2)
+            for k in range(2):  # the filtered images live in `name`, not in "maps"
+                smooth = scratch.part(name, k * size, size - (len(win) - 1) * (w + 1))
+                scratch.part("maps", k * size2, size2, (n_planes, h2, w2)).copy_(
+                    valid_view(smooth, h, w, len(win), stride=2)
                 )
             h, w, size = h2, w2, size2
-        n, d = _scale_terms(maps, n_planes, h, w, win, sigma_nsq, scratch)
+        n, d = _scale_terms(scratch, n_planes, h, w, win, sigma_nsq)
         num += n
         den += d
     return num / den

@@ -240,6 +240,20 @@ def test_batch_equals_one_by_one(name):
 
 
 @pytest.mark.parametrize("name", ["ssim", "vif"])
+def test_chunking_does_not_change_values(name, monkeypatch):
+    import suite.metrics._filters as filters
+
+    metric = ALL_METRICS[name]
+    (t1, p1), (t2, p2), (t3, p3) = _pair("camera", "noise"), _pair("astronaut", "blur"), _pair("camera", "jpeg")
+    t = _t(t1, t2, t3, t2, t1, t3, dtype=torch.float32).view(2, 3, *CROP)
+    p = _t(p1, p2, p3, p3, p2, p1, dtype=torch.float32).view(2, 3, *CROP)
+    monkeypatch.setattr(filters, "CHUNK_PIXELS", 1)  # one plane per chunk
+    one_by_one = metric(p, t)
+    monkeypatch.setattr(filters, "CHUNK_PIXELS", 1 << 30)  # all planes of a call at once
+    torch.testing.assert_close(metric(p, t), one_by_one, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ssim", "vif"])
 def test_channels_are_averaged(name):
     metric = ALL_METRICS[name]
     (t1, p1), (t2, p2) = _pair("camera", "noise"), _pair("astronaut", "blur")
