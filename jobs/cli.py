@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/crr_demo.yaml")
     s.add_argument("--launcher", default="local", choices=["local", "submitit", "ray"])
     s.add_argument("--launcher-config", default=None, help="launcher YAML, e.g. configs/launchers/local_slurm.yaml")
-    s.add_argument("--workers", type=int, default=None, help="local launcher: concurrent cells (default: cores // 2)")
+    s.add_argument("--workers", type=int, default=None, help="local launcher: concurrent cells (default: one per core)")
     s.add_argument("--dry-run", action="store_true", help="print the cells (and sbatch script) and submit nothing")
     s.add_argument("--no-wait", action="store_true", help="submitit: return once submitted")
     _launch_opts(s)
