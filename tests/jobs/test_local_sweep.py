@@ -53,8 +53,12 @@ def test_sweep_runs_cells_and_isolates_the_failure(sweep_dir):
     assert states == ["FAILED", "FINISHED", "FINISHED"]
     failed = next(r for r in found if r.info.status == "FAILED")
     assert "missing.png" in failed.data.tags["failure_reason"]
-    status = [json.loads(p.read_text())["state"] for p in (tmp / "runs/t_sweep").glob("*/status.json")]
-    assert sorted(status) == ["FAILED", "FINISHED", "FINISHED"]
+    status = [json.loads(p.read_text()) for p in (tmp / "runs/t_sweep").glob("*/status.json")]
+    assert sorted(s["state"] for s in status) == ["FAILED", "FINISHED", "FINISHED"]
+    done = [s for s in status if s["state"] == "FINISHED"]
+    # --workers 2: the two cells ran in separate processes at the same time
+    assert done[0]["pid"] != done[1]["pid"]
+    assert max(s["started"] for s in done) < min(s["ended"] for s in done)
 
 
 def test_finished_run_records_what_the_design_lists(sweep_dir):
