@@ -25,7 +25,7 @@ import numpy as np
 DEFAULTS: Dict[str, Any] = {
     "repeats": 5,
     "warmup": 1,
-    "threads": None,
+    "threads": 1,
     "seed": 0,
     "tolerance": 1e-4,
     "volume": {"shape": [16, 320, 320], "anatomy": "knee", "scale": 3e-4},

@@ -15,8 +15,6 @@ ground truth, as scikit-image does.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from suite.metrics._common import DataRange, check_pair, data_range_per_sample, float_dtype
@@ -68,7 +66,8 @@ def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: DataRange = None)
             tensor overrides it (fastMRI convention: the volume's maximum).
 
     Returns:
-        ``(B,)`` float64 PSNR in dB; ``inf`` where ``pred == target``.
+        ``(B,)`` float64 PSNR in dB; ``inf`` where ``pred == target``, ``-inf``
+        for a constant target with ``data_range=None`` (its range is 0).
     """
     p, t = check_pair(pred, target)
     r = data_range_per_sample(t, data_range)
@@ -112,8 +111,9 @@ def ssim(
     ``(1, S, H, W)`` gives fastMRI's slice-averaged volume SSIM.
 
     The work is done in float32 unless an input is float64; each plane is
-    centred on its target mean before second moments are formed, which keeps
-    float32 results within about 1e-6 of skimage's float64 ones.
+    divided by ``R`` and centred near its target mean before second moments
+    are formed, which keeps float32 results within about 1e-6 of skimage's
+    float64 ones. Values do not depend on how planes are batched.
 
     Args:
         pred: Real tensor ``(B, H, W)`` or ``(B, C, H, W)``, ``H, W >= win_size``.
@@ -125,7 +125,8 @@ def ssim(
         k2: Contrast constant.
 
     Returns:
-        ``(B,)`` float64 SSIM.
+        ``(B,)`` float64 SSIM; NaN for a constant target with
+        ``data_range=None`` (its range is 0).
 
     Raises:
         ValueError: On mismatched shapes, a wrong ``win_size``, or images
@@ -142,28 +143,28 @@ def ssim(
     b, c, h, w = p.shape
     dtype = float_dtype(p, t)
     p, t = p.to(dtype), t.to(dtype)  # no copy for float input
-    scratch = Scratch(dtype, p.device)
+    x_planes, y_planes = t.reshape(b * c, h, w), p.reshape(b * c, h, w)
+    # Planes are divided by their sample's R, so the constants are plain numbers.
+    scale = (1.0 / data_range_per_sample(t, data_range)).to(dtype).repeat_interleave(c).view(-1, 1, 1)
+    # Near each scaled plane's mean; any per-plane constant would do (see _ssim_planes).
+    centres = x_planes[:, ::4, ::4].mean(dim=(1, 2), keepdim=True).mul_(scale)
     npix = float(win_size**2)
-    ranges = data_range_per_sample(t, data_range).tolist()
-    centres = t[:, :, ::4, ::4].mean(dim=(2, 3)).tolist()  # near each plane's mean
-    out = torch.empty(b, c, dtype=dtype, device=p.device)
-    for i in range(b):
-        # Constants of the SSIM formula in window-sum form (see _ssim_planes).
-        c1 = p.new_full((), 2.0 * (k1 * npix * ranges[i]) ** 2)
-        c2_per_pixel = p.new_full((), 2.0 * (npix - 1.0) * (k2 * ranges[i]) ** 2 / npix)
-        for chunk in plane_chunks(c, h, w):
-            centre = math.fsum(centres[i][chunk]) / (chunk.stop - chunk.start)
-            out[i, chunk] = _ssim_planes(
-                t[i, chunk], p[i, chunk], win_size, centre, c1, c2_per_pixel, scratch
-            )
-    return out.mean(dim=1, dtype=torch.float64)
+    c1 = p.new_full((), 2.0 * (k1 * npix) ** 2)
+    c2_per_pixel = p.new_full((), 2.0 * (npix - 1.0) * k2**2 / npix)
+    scratch = Scratch(dtype, p.device)
+    out = torch.empty(b * c, dtype=dtype, device=p.device)
+    for chunk in plane_chunks(b * c, h, w):
+        x, y = x_planes[chunk], y_planes[chunk]
+        out[chunk] = _ssim_planes(x, y, scale[chunk], centres[chunk], win_size, c1, c2_per_pixel, scratch)
+    return out.view(b, c).mean(dim=1, dtype=torch.float64)
 
 
 def _ssim_planes(
     x: torch.Tensor,
     y: torch.Tensor,
+    scale: torch.Tensor,
+    centre: torch.Tensor,
     win_size: int,
-    centre: float,
     c1: torch.Tensor,
     c2_per_pixel: torch.Tensor,
     scratch: Scratch,
@@ -181,16 +182,18 @@ def _ssim_planes(
         ---------------------------------
         (Su^2 + Sv^2 + c1) (Pu + Pv + c2)
 
-    with ``c1 = 2 (k1 R n)^2`` and ``c2 = 2 (n - 1) (k2 R)^2``; ``c2`` enters
-    as ``c2 / n`` added to every ``u^2``. ``u`` is centred on ``2 centre``
-    before squaring (variances do not change), which keeps float32
+    with ``c1 = 2 (k1 R n)^2`` and ``c2 = 2 (n - 1) (k2 R)^2``; here ``R = 1``
+    because the planes are divided by their data range first, and ``c2``
+    enters as ``c2 / n`` added to every ``u^2``. ``u`` is centred on
+    ``2 centre`` before squaring (variances do not change), which keeps float32
     cancellation small; ``v`` needs no centring.
 
     Args:
-        x: Target planes ``(N, H, W)`` of one sample.
+        x: Target planes ``(N, H, W)``.
         y: Predicted planes ``(N, H, W)``.
+        scale: ``(N, 1, 1)``, one over each plane's data range.
+        centre: ``(N, 1, 1)`` values near the means of ``x * scale``.
         win_size: Odd side of the uniform window.
-        centre: A value near the mean of ``x``.
         c1: 0-dim luminance constant as above.
         c2_per_pixel: 0-dim ``c2 / n``.
         scratch: Work buffers.
@@ -202,8 +205,9 @@ def _ssim_planes(
     size, w = x.numel(), shape[-1]
     npix = float(win_size**2)
     scratch.take("maps", 4 * size)
-    u = torch.add(x, y, out=scratch.part("maps", 0, size, shape)).sub_(2.0 * centre)
-    v = torch.sub(x, y, out=scratch.part("maps", size, size, shape))
+    u = torch.add(x, y, out=scratch.part("maps", 0, size, shape))
+    torch.addcmul(centre * -2.0, u, scale, out=u)
+    v = torch.sub(x, y, out=scratch.part("maps", size, size, shape)).mul_(scale)
     torch.addcmul(c2_per_pixel, u, u, out=scratch.part("maps", 2 * size, size, shape))
     torch.mul(v, v, out=scratch.part("maps", 3 * size, size, shape))
     name, _ = box_sum_flat(scratch, "maps", 4 * size, w, win_size)
@@ -213,12 +217,13 @@ def _ssim_planes(
     pv.addcmul_(sv, sv, value=-1.0 / npix)
     var = torch.add(pu, pv, out=scratch.take("var", length))
     cs = torch.sub(pu, pv, out=pv)
-    su.add_(2.0 * centre * npix)  # the window sum of x + y itself
+    h = shape[-2]
+    valid_view(su, h, w, win_size).add_(centre * (2.0 * npix))  # window sums of (x + y) * scale
     torch.addcmul(c1, su, su, out=su)
     lum_den = torch.addcmul(su, sv, sv, out=pu)
     lum = su.addcmul_(sv, sv, value=-1.0)
     ssim_map = lum.mul_(cs).div_(lum_den.mul_(var))
-    return valid_view(ssim_map, shape[-2], w, win_size).mean(dim=(1, 2))
+    return valid_view(ssim_map, h, w, win_size).mean(dim=(1, 2))
 
 
 def residual_map(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -250,7 +255,8 @@ def significant_residuals(
         threshold: Fraction of the target range, ``>= 0``.
 
     Returns:
-        ``(B,)`` float64 percentage in ``[0, 100]``.
+        ``(B,)`` float64 percentage in ``[0, 100]`` (for a constant target
+        every nonzero residual counts).
     """
     p, t = check_pair(pred, target)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
