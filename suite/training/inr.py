@@ -11,6 +11,18 @@ PNGs, ``metrics.json`` and ``solver_trace.json``.
 Resuming: a checkpoint holds the stage, the next epoch, model/optimiser/RNG
 state and the accumulated wall time, so an interrupted run continues where it
 stopped and ends with the same numbers as an uninterrupted one (CPU).
+
+Data parallel (a ``torch.distributed`` process group is running, see
+:mod:`suite.training.distributed`): every rank draws the same batches and
+trains on its shard of each batch's pixels; the loss is the mean over the
+global batch (``Σ shard / batch size`` per rank, gradients summed over ranks),
+so the updates are those of one process on the whole batch, up to float
+rounding. Full-grid evaluations are sharded and gathered, per-epoch metrics are
+reduced over ranks, and only rank 0 writes checkpoints and artifacts (the
+caller gives the other ranks a tracker that drops everything). One caveat: the
+solvers' early exit (``f_tol``/``b_tol``) tests the worst pixel of the local
+shard, so a run whose solver stops early can differ from the one-process run
+by more than rounding. Without a process group the code is unchanged.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ from suite import metrics as M
 from suite.config import EvalConfig, ExperimentConfig
 from suite.data.images import ImageData, pixels_to_image
 from suite.training.checkpoint import Checkpointer
+from suite.training import distributed as D
 from suite.training.common import peak_memory_mb, pick_device, reset_peak_memory, rng_state, set_rng_state
 from suite.training.tracker import Tracker
 
@@ -61,10 +74,23 @@ def predict_image(fn: Callable[[torch.Tensor], torch.Tensor], data: ImageData, c
         chunk: pixels per forward pass (bounds memory at 512×512 and up).
 
     Returns:
-        ``(1, 1, H, W)`` prediction in [0, 1].
+        ``(1, 1, H, W)`` prediction in [0, 1] (data parallel: each rank predicts
+        its shard of the pixels and every rank gets the whole image).
     """
-    out = torch.cat([fn(data.coords[i : i + chunk]) for i in range(0, data.coords.shape[0], chunk)])
-    return pixels_to_image(out, *data.shape)
+    return pixels_to_image(_on_grid(lambda s: fn(data.coords[s]), data.coords.shape[0], chunk), *data.shape)
+
+
+@torch.no_grad()
+def _on_grid(fn: Callable[[slice], torch.Tensor], n: int, chunk: int | None = 1 << 18) -> torch.Tensor:
+    """``fn`` over rows ``0..n`` (in chunks unless ``chunk`` is None): ``(n, C)``.
+
+    Data parallel: over this rank's shard of the rows, then gathered on every rank.
+    """
+    s = D.shard(n) if D.is_distributed() else slice(0, n)
+    if chunk is None:
+        return D.gather_rows(fn(s), n)
+    out = torch.cat([fn(slice(i, min(i + chunk, s.stop))) for i in range(s.start, s.stop, chunk)])
+    return D.gather_rows(out, n)
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator, device: torch.device) -> list[torch.Tensor | None]:
@@ -83,6 +109,32 @@ def _check_finite(loss: torch.Tensor, stage: int, epoch: int) -> None:
         )
 
 
+def _ddp_step(model: nn.Module, opt: torch.optim.Optimizer, forward: Callable[[slice], tuple[torch.Tensor, dict]],
+              y: torch.Tensor, stage: int, epoch: int) -> dict[str, float]:
+    """One data-parallel step on this rank's shard of a batch.
+
+    Args:
+        forward: shard → ``(prediction (n_r, 1), solver stats)``.
+        y: ``(n, 1)`` targets of the whole batch.
+
+    Returns:
+        The batch's metrics as one process on the whole batch would report them
+        (shard means weighted by shard size, summed over ranks).
+    """
+    n = y.shape[0]
+    s = D.shard(n)
+    pred, stats = forward(s)
+    err = ((pred - y[s]) ** 2).sum()
+    opt.zero_grad(set_to_none=True)
+    (err / n).backward()
+    D.all_reduce_grads(model.parameters())
+    n_r = s.stop - s.start
+    row = D.reduce_mean({"loss": err.item() / max(n_r, 1), **stats}, weight=n_r)
+    _check_finite(torch.tensor(row["loss"]), stage, epoch)
+    opt.step()
+    return row
+
+
 def _deq_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: ImageData, batches: list, stage: int, epoch: int) -> dict[str, float]:
     """One epoch of stage 1; returns loss and solver statistics averaged over batches."""
     model.train()
@@ -90,19 +142,30 @@ def _deq_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: ImageData, ba
     for idx in batches:
         x = data.coords if idx is None else data.coords[idx]
         y = data.target if idx is None else data.target[idx]
-        pred, stats = model(x)
-        loss = torch.mean((pred - y) ** 2)
-        _check_finite(loss, stage, epoch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        row = {
-            "loss": loss.item(),
-            "solver/fwd_nstep": stats["nstep"],
-            "solver/bwd_nstep": getattr(model, "last_bwd_nstep", 0.0),
-            "solver/abs_lowest": stats["abs_lowest"],
-            "solver/rel_lowest": stats["rel_lowest"],
-        }
+        if D.is_distributed():
+
+            def forward(s: slice) -> tuple[torch.Tensor, dict]:
+                pred, stats = model(x[s])
+                return pred, {"solver/fwd_nstep": stats["nstep"], "solver/abs_lowest": stats["abs_lowest"],
+                              "solver/rel_lowest": stats["rel_lowest"]}
+
+            # The backward solver's step count is known after backward: reduce it separately.
+            row = _ddp_step(model, opt, forward, y, stage, epoch)
+            row["solver/bwd_nstep"] = D.reduce_mean({"b": getattr(model, "last_bwd_nstep", 0.0)})["b"]
+        else:
+            pred, stats = model(x)
+            loss = torch.mean((pred - y) ** 2)
+            _check_finite(loss, stage, epoch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            row = {
+                "loss": loss.item(),
+                "solver/fwd_nstep": stats["nstep"],
+                "solver/bwd_nstep": getattr(model, "last_bwd_nstep", 0.0),
+                "solver/abs_lowest": stats["abs_lowest"],
+                "solver/rel_lowest": stats["rel_lowest"],
+            }
         for k, v in row.items():
             sums[k] = sums.get(k, 0.0) + v
     return {k: v / len(batches) for k, v in sums.items()}
@@ -116,6 +179,9 @@ def _refiner_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: ImageData
         x = data.coords if idx is None else data.coords[idx]
         y = data.target if idx is None else data.target[idx]
         yd = y_deq if idx is None else y_deq[idx]
+        if D.is_distributed():
+            total += _ddp_step(model.refiner, opt, lambda s: (model(x[s], yd[s]), {}), y, 2, epoch)["loss"]
+            continue
         loss = torch.mean((model(x, yd) - y) ** 2)
         _check_finite(loss, 2, epoch)
         opt.zero_grad(set_to_none=True)
@@ -212,12 +278,14 @@ def fit_inr(
         set_rng_state(state["rng"])
         if prog.stage == 1:
             opt.load_state_dict(state["opt"])
+    D.broadcast_module(model)  # data parallel: every rank starts from rank 0's weights
     reset_peak_memory(device)
     t_start = time.perf_counter() - prog.elapsed
 
     def checkpoint(opt_: torch.optim.Optimizer, step: int) -> None:
         prog.elapsed = time.perf_counter() - t_start
-        ckpt.save(
+        D.save_checkpoint(  # rank 0 writes
+            ckpt,
             {"progress": vars(prog).copy(), "model": model.state_dict(), "opt": opt_.state_dict(),
              "gen": gen.get_state(), "rng": rng_state()},
             step,
@@ -243,7 +311,7 @@ def fit_inr(
 
     deq.eval()
     with torch.no_grad():
-        y_deq_pix = torch.cat([deq(data.coords[i : i + (1 << 18)])[0] for i in range(0, data.coords.shape[0], 1 << 18)])
+        y_deq_pix = _on_grid(lambda s: deq(data.coords[s])[0], data.coords.shape[0])
         _, stats = deq(data.coords[: min(4096, data.coords.shape[0])])
     stage1_img = pixels_to_image(y_deq_pix, *data.shape)
     stage1_psnr = _psnr(stage1_img, data)
@@ -259,7 +327,8 @@ def fit_inr(
             prog.best = {**prog.best, "psnr": stage1_psnr, "epoch": -1, "state": None}
         elif state is not None:
             opt2.load_state_dict(state["opt"])
-        refine_fn = lambda x: model(x, y_deq_pix)  # noqa: E731  (full grid only)
+        n_pix = data.coords.shape[0]
+        refine_fn = lambda x: _on_grid(lambda s: model(x[s], y_deq_pix[s]), n_pix, chunk=None)  # noqa: E731  (full grid only)
         for epoch in range(prog.epoch, e2):
             t0 = time.perf_counter()
             row = _refiner_epoch(model, opt2, data, y_deq_pix, _batches(data.coords.shape[0], cfg.train.batch_size, gen, device), epoch)
@@ -294,6 +363,6 @@ def fit_inr(
         results["crr/gain_db"] = results["psnr"] - stage1_psnr
         results["crr/best_epoch"] = float(prog.best["epoch"])
     tracker.log_metrics(results, step=e1 + (cfg.crr.epochs if is_crr else 0))
-    if outdir is not None:
+    if outdir is not None and D.is_main():
         _write_artifacts(Path(outdir), tracker, final_img, data, results, trace, stage1_img if is_crr else None)
     return results
