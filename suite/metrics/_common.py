@@ -11,6 +11,7 @@ samples yields one value.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Union
 
@@ -72,6 +73,27 @@ def check_pair(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
     if pred.device != target.device:
         raise ValueError(f"pred and target must be on one device, got {pred.device} and {target.device}")
     return p, t
+
+
+def check_number(name: str, value: object, *, positive: bool = False) -> float:
+    """Check a real-number option: finite and ``>= 0`` (or ``> 0``).
+
+    Args:
+        name: Option name used in the message.
+        value: The value received.
+        positive: Require ``> 0`` instead of ``>= 0``.
+
+    Returns:
+        ``value`` as a Python float.
+
+    Raises:
+        ValueError: If ``value`` is not such a number.
+    """
+    bound = "> 0" if positive else ">= 0"
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (value > 0 if positive else value >= 0):
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)
 
 
 def float_dtype(*xs: torch.Tensor) -> torch.dtype:

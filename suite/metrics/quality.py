@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from suite.metrics._common import DataRange, check_pair, data_range_per_sample, float_dtype
+from suite.metrics._common import DataRange, check_number, check_pair, data_range_per_sample, float_dtype
 from suite.metrics._filters import Scratch, box_sum_flat, plane_chunks, valid_view
 
 __all__ = ["psnr", "ssim", "nmse", "residual_map", "significant_residuals"]
@@ -135,6 +135,7 @@ def ssim(
     p, t = check_pair(pred, target)
     if isinstance(win_size, bool) or not isinstance(win_size, int) or win_size < 3 or win_size % 2 == 0:
         raise ValueError(f"win_size must be an odd integer >= 3, got {win_size!r}")
+    k1, k2 = check_number("k1", k1), check_number("k2", k2)
     if min(p.shape[-2:]) < win_size:
         raise ValueError(
             f"images must be at least win_size={win_size} pixels in H and W, "
@@ -259,8 +260,7 @@ def significant_residuals(
         every nonzero residual counts).
     """
     p, t = check_pair(pred, target)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
-        raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+    threshold = check_number("threshold", threshold)
     b = p.shape[0]
     dtype = float_dtype(p, t)
     bound = (threshold * data_range_per_sample(t, None)).to(dtype).view(b, 1)

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from suite.metrics._common import check_image, float_dtype
+from suite.metrics._common import check_image, check_number, float_dtype
 
 __all__ = ["hfe", "radial_power_spectrum", "radial_frequencies"]
 
@@ -75,8 +75,7 @@ def hfe(
     x = check_image(pred, "pred")
     if mode not in _HFE_MODES:
         raise ValueError(f"mode must be one of {_HFE_MODES}, got {mode!r}")
-    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not cutoff >= 0:
-        raise ValueError(f"cutoff must be a number >= 0, got {cutoff!r}")
+    cutoff = check_number("cutoff", cutoff)
     b, c, h, w = x.shape
     dtype = float_dtype(x)
     spec = torch.fft.fft2(x.to(dtype)).abs()

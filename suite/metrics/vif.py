@@ -18,7 +18,7 @@ from typing import List, Tuple
 import torch
 from torch.nn.functional import threshold_
 
-from suite.metrics._common import DataRange, check_pair, data_range_per_sample, float_dtype
+from suite.metrics._common import DataRange, check_number, check_pair, data_range_per_sample, float_dtype
 from suite.metrics._filters import Scratch, filter_flat, gaussian_kernel_1d, plane_chunks, valid_view
 
 __all__ = ["vif"]
@@ -128,8 +128,7 @@ def vif(
             or a non-positive ``sigma_nsq``.
     """
     p, t = check_pair(pred, target)
-    if isinstance(sigma_nsq, bool) or not isinstance(sigma_nsq, (int, float)) or not sigma_nsq > 0:
-        raise ValueError(f"sigma_nsq must be a positive number, got {sigma_nsq!r}")
+    sigma_nsq = check_number("sigma_nsq", sigma_nsq, positive=True)
     b, c, h, w = p.shape
     _check_size(h, w, tuple(pred.shape))
     dtype = float_dtype(p, t)
@@ -142,7 +141,7 @@ def vif(
     per_plane = torch.empty(b * c, dtype=torch.float64, device=p.device)
     for chunk in plane_chunks(b * c, h, w):
         per_plane[chunk] = _vif_planes(
-            ref_planes[chunk], dist_planes[chunk], centres[chunk], scale[chunk], float(sigma_nsq), scratch
+            ref_planes[chunk], dist_planes[chunk], centres[chunk], scale[chunk], sigma_nsq, scratch
         )
     return per_plane.view(b, c).mean(dim=1)
 

@@ -405,5 +405,9 @@ def test_errors_name_the_shape():
         hfe(x, mode="phase")
     with pytest.raises(ValueError, match="cutoff"):
         hfe(x, cutoff=-0.1)
+    with pytest.raises(ValueError, match="sigma_nsq must be a finite number > 0, got 0"):
+        vif(x, x, sigma_nsq=0)
+    with pytest.raises(ValueError, match="threshold.*'5%'"):
+        significant_residuals(x, x, threshold="5%")
     with pytest.raises(ValueError, match=r"n_bins.*\[1, .* 25\]"):
         radial_power_spectrum(x, n_bins=26)
