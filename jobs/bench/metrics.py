@@ -58,17 +58,24 @@ def _merge(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _median_time(fn: Callable[[], Any], repeats: int, warmup: int) -> Tuple[float, Any]:
-    """Median wall time of ``fn()`` in seconds and its last result."""
-    result = None
+def _time_pair(
+    ours: Callable[[], Any], ref: Callable[[], Any], repeats: int, warmup: int
+) -> Tuple[float, Any, float, Any]:
+    """Median wall times in seconds of ``ours()`` and ``ref()`` and their results.
+
+    The two alternate, repeat by repeat, so that a change in the machine's load
+    during the run weighs on both alike.
+    """
     for _ in range(warmup):
-        result = fn()
-    times = []
+        ours(), ref()
+    times: Tuple[List[float], List[float]] = ([], [])
+    results = [None, None]
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for k, fn in enumerate((ours, ref)):
+            start = time.perf_counter()
+            results[k] = fn()
+            times[k].append(time.perf_counter() - start)
+    return statistics.median(times[0]), results[0], statistics.median(times[1]), results[1]
 
 
 def _volume(cfg: Dict[str, Any], rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
@@ -129,15 +136,26 @@ def main(cfg: Dict[str, Any]) -> int:
         0 when every metric agrees with its reference within ``tolerance``,
         1 otherwise (speed goals are reported, not enforced).
     """
+    import torch
+
+    cfg = _merge(cfg or {})
+    threads_before = torch.get_num_threads()
+    if cfg["threads"] is not None:
+        torch.set_num_threads(int(cfg["threads"]))
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(cfg: Dict[str, Any]) -> int:
+    """The body of :func:`main` on a merged config."""
     import fastmri.evaluate
     import sewar.full_ref
     import torch
 
     from suite.metrics import psnr, ssim, vif
 
-    cfg = _merge(cfg or {})
-    if cfg["threads"] is not None:
-        torch.set_num_threads(int(cfg["threads"]))
     reps, warm, tol = cfg["repeats"], cfg["warmup"], float(cfg["tolerance"])
     rng = np.random.default_rng(cfg["seed"])
     gt, pred = _volume(cfg["volume"], rng)
@@ -152,21 +170,25 @@ def main(cfg: Dict[str, Any]) -> int:
     t_gt, t_pred = torch.from_numpy(gt)[None], torch.from_numpy(pred)[None]  # (1, S, H, W)
     vmax = float(gt.max())
 
-    ours, val = _median_time(lambda: ssim(t_pred, t_gt, data_range=vmax), reps, warm)
-    ref, ref_val = _median_time(lambda: fastmri.evaluate.ssim(gt, pred), reps, warm)
+    ours, val, ref, ref_val = _time_pair(
+        lambda: ssim(t_pred, t_gt, data_range=vmax), lambda: fastmri.evaluate.ssim(gt, pred), reps, warm
+    )
     diffs["ssim"] = abs(val.item() - float(ref_val[0]))
     ssim_speedup = _row(rows, "ssim / volume vs fastmri", ours, ref, diffs["ssim"])
 
-    ours, val = _median_time(lambda: psnr(t_pred, t_gt, data_range=vmax), reps, warm)
-    ref, ref_val = _median_time(lambda: fastmri.evaluate.psnr(gt, pred), reps, warm)
+    ours, val, ref, ref_val = _time_pair(
+        lambda: psnr(t_pred, t_gt, data_range=vmax), lambda: fastmri.evaluate.psnr(gt, pred), reps, warm
+    )
     diffs["psnr"] = abs(val.item() - float(ref_val))
     _row(rows, "psnr / volume vs fastmri", ours, ref, diffs["psnr"])
 
     t_targets, t_preds = torch.from_numpy(targets), torch.from_numpy(preds)
     ref_imgs = [(targets[i].astype(np.float64), preds[i].astype(np.float64)) for i in range(len(targets))]
-    ours, val = _median_time(lambda: vif(t_preds, t_targets, data_range=255.0), reps, warm)
-    ref, ref_val = _median_time(
-        lambda: [sewar.full_ref.vifp(a, b, sigma_nsq=2) for a, b in ref_imgs], reps, warm
+    ours, val, ref, ref_val = _time_pair(
+        lambda: vif(t_preds, t_targets, data_range=255.0),
+        lambda: [sewar.full_ref.vifp(a, b, sigma_nsq=2) for a, b in ref_imgs],
+        reps,
+        warm,
     )
     diffs["vif"] = float(np.max(np.abs(val.numpy() - np.asarray(ref_val))))
     vif_speedup = _row(rows, f"vif / {len(targets)} images vs sewar", ours, ref, diffs["vif"])
@@ -175,8 +197,12 @@ def main(cfg: Dict[str, Any]) -> int:
         # sewar on (H, W, S) averages over slices, as vif does over (1, S, H, W).
         gt255 = np.moveaxis(gt.astype(np.float64) * (255.0 / vmax), 0, -1)
         pred255 = np.moveaxis(pred.astype(np.float64) * (255.0 / vmax), 0, -1)
-        ours, val = _median_time(lambda: vif(t_pred, t_gt, data_range=vmax), reps, warm)
-        ref, ref_val = _median_time(lambda: sewar.full_ref.vifp(gt255, pred255, sigma_nsq=2), reps, warm)
+        ours, val, ref, ref_val = _time_pair(
+            lambda: vif(t_pred, t_gt, data_range=vmax),
+            lambda: sewar.full_ref.vifp(gt255, pred255, sigma_nsq=2),
+            reps,
+            warm,
+        )
         diffs["vif/volume"] = abs(val.item() - float(ref_val))
         _row(rows, "vif / volume vs sewar", ours, ref, diffs["vif/volume"])
 
