@@ -38,6 +38,36 @@ class LocalLauncher:
         print("local launcher: each cell runs `python -m jobs.node <workdir>/cell.json`")
 
 
+@LAUNCHERS.register("submitit")
+class SubmititLauncher:
+    """Slurm job arrays through submitit (see :mod:`jobs.launchers.submitit_launcher`)."""
+
+    def launch(self, cells: list[Cell], args: argparse.Namespace) -> list[dict[str, Any]] | None:
+        from jobs.launchers.submitit_launcher import launch
+
+        return launch(cells, args)
+
+    def dry_run(self, cells: list[Cell], args: argparse.Namespace) -> None:
+        from jobs.launchers.submitit_launcher import dry_run
+
+        dry_run(cells, args)
+
+
+@LAUNCHERS.register("ray")
+class RayLauncher:
+    """Ray Tune, one trial per cell (see :mod:`jobs.launchers.ray_launcher`)."""
+
+    def launch(self, cells: list[Cell], args: argparse.Namespace) -> list[dict[str, Any]] | None:
+        from jobs.launchers.ray_launcher import launch
+
+        return launch(cells, args)
+
+    def dry_run(self, cells: list[Cell], args: argparse.Namespace) -> None:
+        from jobs.launchers.ray_launcher import dry_run
+
+        dry_run(cells, args)
+
+
 def get_launcher(name: str) -> Launcher:
     """An instance of the launcher registered as ``name``."""
     return LAUNCHERS.get(name)()
