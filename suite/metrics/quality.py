@@ -113,7 +113,8 @@ def ssim(
     The work is done in float32 unless an input is float64; each plane is
     divided by ``R`` and centred near its target mean before second moments
     are formed, which keeps float32 results within about 1e-6 of skimage's
-    float64 ones. Values do not depend on how planes are batched.
+    float64 ones. Values do not depend on how planes are batched. Not
+    differentiable: the inputs are detached (use a loss for training).
 
     Args:
         pred: Real tensor ``(B, H, W)`` or ``(B, C, H, W)``, ``H, W >= win_size``.
@@ -143,7 +144,7 @@ def ssim(
         )
     b, c, h, w = p.shape
     dtype = float_dtype(p, t)
-    p, t = p.to(dtype), t.to(dtype)  # no copy for float input
+    p, t = p.detach().to(dtype), t.detach().to(dtype)  # not differentiable; no copy for float input
     x_planes, y_planes = t.reshape(b * c, h, w), p.reshape(b * c, h, w)
     # Planes are divided by their sample's R, so the constants are plain numbers.
     scale = (1.0 / data_range_per_sample(t, data_range)).to(dtype).repeat_interleave(c).view(-1, 1, 1)

@@ -107,7 +107,8 @@ def vif(
     keeps float32 arithmetic accurate (float32 unless an input is float64,
     agreeing with the float64 reference to about 1e-6). The ratio
     of summed information is computed per ``(H, W)`` plane and the ``C``
-    values are averaged, as ``sewar.full_ref.vifp`` does over channels.
+    values are averaged, as ``sewar.full_ref.vifp`` does over channels. Not
+    differentiable: the inputs are detached.
 
     Args:
         pred: Distorted image, real tensor ``(B, H, W)`` or ``(B, C, H, W)``,
@@ -132,7 +133,7 @@ def vif(
     b, c, h, w = p.shape
     _check_size(h, w, tuple(pred.shape))
     dtype = float_dtype(p, t)
-    p, t = p.to(dtype), t.to(dtype)  # no copy for float input
+    p, t = p.detach().to(dtype), t.detach().to(dtype)  # not differentiable; no copy for float input
     scale = (255.0 / data_range_per_sample(t, data_range)).to(dtype).repeat_interleave(c).view(-1, 1, 1)
     ref_planes, dist_planes = t.reshape(b * c, h, w), p.reshape(b * c, h, w)
     # VIFp ignores a constant added to both images; centring keeps float32 accurate.

@@ -275,6 +275,14 @@ def test_channels_are_averaged(name):
     assert metric(p, t, data_range=255.0).item() == pytest.approx(np.mean(per_channel), abs=1e-12)
 
 
+@pytest.mark.parametrize("name", ALL_METRICS)
+def test_inputs_that_require_grad(name):
+    metric = ALL_METRICS[name]
+    target, pred = _pair("camera", "blur")
+    t, p = _t(target, dtype=torch.float32), _t(pred, dtype=torch.float32)
+    assert metric(p.clone().requires_grad_(), t).item() == metric(p, t).item()
+
+
 def test_psnr_pools_channels():
     (t1, p1), (t2, p2) = _pair("camera", "noise"), _pair("astronaut", "blur")
     target, pred = np.stack([t1, t2]), np.stack([p1, p2])
