@@ -109,6 +109,8 @@ class NodeCheckpointer(Checkpointer):
         from suite.training import distributed as D
 
         if D.any_rank(_STOP["signum"] is not None):
+            if hasattr(signal, "SIGALRM"):
+                signal.alarm(0)  # an epoch ended in time: the checkpoint is written now
             self._stopping = True
             return True
         return super().due(epochs_done)
@@ -116,8 +118,6 @@ class NodeCheckpointer(Checkpointer):
     def save(self, state: dict[str, Any], step: int) -> Path:
         path = super().save(state, step) if self.writer else self.directory / f"ckpt_{step:08d}.pt"
         if self._stopping:
-            if hasattr(signal, "SIGALRM"):
-                signal.alarm(0)
             name = signal.Signals(_STOP["signum"]).name if _STOP["signum"] else "a stop request"
             raise StopRequested(f"stopped by {name} after saving checkpoint {step}")
         return path
@@ -292,6 +292,15 @@ class NodeJob:
 
             torch.set_num_threads(int(threads))
         out = run_cell(cell)
+        if out["state"] == "KILLED" and _STOP["signum"] is not None:
+            # Preemption is SIGTERM then SIGUSR2 (submitit's convention): give the
+            # second a moment to arrive before ending without a requeue.
+            deadline = time.time() + float(os.environ.get("DEQBENCH_REQUEUE_WAIT_S", "3"))
+            while not _STOP["requeue"] and time.time() < deadline:
+                time.sleep(0.1)
+            if _STOP["requeue"]:
+                out["state"] = "REQUEUED"
+                write_status(cell.workdir, state="REQUEUED")
         if out["state"] == "REQUEUED" and callable(requeue_handler):
             try:
                 requeue_handler(signal.SIGUSR2, None)  # rank 0: checkpoint(), requeue, sys.exit; others: returns
