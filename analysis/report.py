@@ -1,0 +1,882 @@
+"""Spectral reports: ``deqbench report spectral --experiment NAME [--run RUN_ID] --out DIR``.
+
+For each image (MRI volume) of an experiment — runs grouped by ``data.image``
+(:data:`GROUP_KEYS`), the seed-0 run (else the first FINISHED one) standing
+for its group, or the single run given by ``run_id`` — the report shows:
+
+- ground truth, the DEQ (stage 1) and the final (DEQ+CRR, or the model's own)
+  reconstruction side by side, over their centred log-magnitude spectra with
+  the high-frequency energy (HFE) of each;
+- residual maps ``|gt - pred|`` and significant-residual maps with their share (SR);
+- radially averaged power spectra of ground truth, reconstructions and residuals;
+- PSNR and loss against the epoch (MLflow metric history), the epoch where
+  ``stage`` changes from 1 to 2 marked;
+- the signal characteristics (PSNR, SSIM, HFE, SR per stage), one row per image.
+
+Every number is computed with :mod:`suite.metrics` on the run's ``images.pt``
+artifact (``ground_truth``, ``reconstruction`` and, for CRR, ``stage1``:
+tensors ``(1, C, H, W)``), with the run's own metric settings (params
+``eval.hfe_cutoff``, ``eval.hfe_mode``, ``eval.sr_threshold``; the metric
+defaults when absent), so it equals what the metric module gives on those
+images. A run without ``images.pt`` falls back to its 8-bit PNGs (noted); a
+missing stage-1 image shows as "not recorded".
+
+Without ``run_id`` three sweep-wide figures are added when their data exist
+(otherwise listed as skipped): noise robustness (metrics
+``noise/<sigma>/psnr|ssim`` by model), solver iterations (``solver/fwd_nstep``
+and ``solver/bwd_nstep`` histories by ``deq.solver``) and peak memory against
+the number of unrolled iterations K (``mem/peak_mb``; DEQ runs as horizontal
+lines).
+
+Outputs in DIR::
+
+    spectral_report.html          self-contained: summary table, then every image and figure
+    spectral_report.pdf           summary page, 4 pages per image, 1 page per sweep-wide figure
+    signal_characteristics.csv    one row per image, full precision (columns: CHARACTERISTIC_COLUMNS)
+    <image>/report.pdf|.html      that image alone (summary row page + its 4 pages)
+    <image>/{reconstructions,residuals,radial_spectra,training_curves}.pdf|.png
+    {noise_robustness,solver_iterations,memory_vs_k}.pdf|.png
+
+Each image's files are also logged to its run as MLflow artifacts under ``report/``.
+
+Complex convention: images are real (magnitude images for MRI); spectra are
+``fft2`` over the last two axes as in :mod:`suite.metrics.spectral`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from suite import metrics as M
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+REPORT_KINDS = ("spectral",)
+GROUP_KEYS = ("data.image", "data.volume", "data.file", "data.path")
+"""Params that name what a run reconstructs, first present wins."""
+MODEL_KEYS = ("model.kind", "model.name", "family", "tag.family")
+"""Params (and tag) that name a run's model, first non-empty wins."""
+SOLVER_KEYS = ("deq.solver", "model.solver")
+UNROLL_K_KEYS = ("model.unroll_k", "model.n_iter", "model.k", "unroll.k", "deprox.n_iter", "deprox.unroll_k")
+"""Params holding an unrolled network's number of iterations K, first present wins."""
+FINAL_LABELS = {"crr": "DEQ+CRR", "deq_inr": "DEQ"}
+STAGE1_LABEL = "DEQ (stage 1)"
+GT_LABEL = "Ground truth"
+
+IMAGE_FIGURES = ("reconstructions", "residuals", "radial_spectra", "training_curves")
+"""Per-image figures, in page order."""
+EXPERIMENT_FIGURES = ("noise_robustness", "solver_iterations", "memory_vs_k")
+CSV_NAME = "signal_characteristics.csv"
+HTML_NAME = "spectral_report.html"
+PDF_NAME = "spectral_report.pdf"
+ARTIFACT_DIR = "report"
+
+CHARACTERISTIC_COLUMNS = (
+    "image", "run_id", "run_name", "family", "seed", "height", "width", "source",
+    "hfe_cutoff", "hfe_mode", "sr_threshold",
+    "hfe_gt", "psnr_stage1", "psnr_final", "gain_db", "ssim_stage1", "ssim_final",
+    "hfe_stage1", "hfe_final", "hfe_residual_stage1", "hfe_residual_final", "sr_stage1", "sr_final",
+)
+"""Columns of ``signal_characteristics.csv``. ``*_stage1``: the frozen DEQ (CRR);
+``*_final``: the run's output; ``hfe_residual_*``: HFE of ``gt - pred``; PSNR in dB,
+HFE and SR in %; NaN where not recorded."""
+SUMMARY_COLUMNS = (
+    "image", "family", "run_name", "psnr_stage1", "psnr_final", "gain_db", "hfe_gt", "hfe_stage1",
+    "hfe_final", "hfe_residual_stage1", "hfe_residual_final", "sr_stage1", "sr_final",
+)
+"""The columns shown in the HTML/PDF summary table."""
+
+_NOISE_RE = re.compile(r"^noise/(?P<sigma>[^/]+)/(?P<metric>psnr|ssim)$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+# --------------------------------------------------------------------- settings and images
+
+
+def _default(fn: Any, name: str) -> Any:
+    return inspect.signature(fn).parameters[name].default
+
+
+@dataclass(frozen=True)
+class SpectralSettings:
+    """The definitions of HFE and SR a run used.
+
+    Attributes:
+        hfe_cutoff: disk radius as a fraction of the Nyquist radius.
+        hfe_mode: ``"power"`` or ``"magnitude"``.
+        sr_threshold: fraction of the ground truth's range.
+    """
+
+    hfe_cutoff: float = _default(M.hfe, "cutoff")
+    hfe_mode: str = _default(M.hfe, "mode")
+    sr_threshold: float = _default(M.significant_residuals, "threshold")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "SpectralSettings":
+        """From a run's params (``eval.hfe_cutoff``, ...); defaults where absent or empty."""
+        def get(key: str, default: Any, cast: Any) -> Any:
+            value = params.get(key)
+            if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
+                return default
+            return cast(value)
+
+        base = cls()
+        return cls(
+            hfe_cutoff=get("eval.hfe_cutoff", base.hfe_cutoff, float),
+            hfe_mode=get("eval.hfe_mode", base.hfe_mode, str),
+            sr_threshold=get("eval.sr_threshold", base.sr_threshold, float),
+        )
+
+
+@dataclass
+class RunImages:
+    """A run's images, all ``(1, C, H, W)`` real tensors of one shape.
+
+    Attributes:
+        ground_truth: the target.
+        final: the run's output (``images.pt["reconstruction"]``).
+        stage1: the frozen DEQ's output for CRR (``images.pt["stage1"]``), or None.
+        source: ``"images.pt"`` or ``"8-bit PNG"``.
+    """
+
+    ground_truth: torch.Tensor
+    final: torch.Tensor
+    stage1: torch.Tensor | None = None
+    source: str = "images.pt"
+
+
+def _as_4d(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``(H, W)``, ``(C, H, W)`` or ``(1, C, H, W)`` as ``(1, C, H, W)``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"images.pt[{name!r}] must be a tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise TypeError(f"images.pt[{name!r}] must be real (a magnitude image), got {x.dtype}")
+    while x.ndim < 4:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(f"images.pt[{name!r}] must be (1, C, H, W), got shape {tuple(x.shape)}")
+    return x.detach().cpu()
+
+
+def images_from_dict(data: Mapping[str, Any], source: str = "images.pt") -> RunImages:
+    """:class:`RunImages` from the ``images.pt`` dictionary.
+
+    Args:
+        data: ``{"ground_truth", "reconstruction"[, "stage1"]}`` tensors ``(1, C, H, W)``.
+        source: where they came from (shown in the report).
+
+    Raises:
+        ValueError: a required key is missing or the shapes differ.
+    """
+    missing = [k for k in ("ground_truth", "reconstruction") if k not in data]
+    if missing:
+        raise ValueError(f"images.pt lacks {missing}; it has {sorted(data)}")
+    gt = _as_4d(data["ground_truth"], "ground_truth")
+    final = _as_4d(data["reconstruction"], "reconstruction")
+    stage1 = _as_4d(data["stage1"], "stage1") if data.get("stage1") is not None else None
+    for name, x in (("reconstruction", final), ("stage1", stage1)):
+        if x is not None and x.shape != gt.shape:
+            raise ValueError(f"images.pt[{name!r}] has shape {tuple(x.shape)}, ground truth {tuple(gt.shape)}")
+    return RunImages(gt, final, stage1, source)
+
+
+def _read_png(path: Path) -> torch.Tensor:
+    import skimage.io
+
+    arr = np.asarray(skimage.io.imread(path), dtype=np.float32)
+    if arr.ndim == 3:  # RGB(A) written by someone else: luminance
+        arr = arr[..., :3].mean(axis=-1)
+    return torch.from_numpy(arr / 255.0)[None, None]
+
+
+def load_run_images(client: Any, run_id: str) -> tuple[RunImages | None, list[str]]:
+    """Downloads a run's images: ``images.pt``, else its PNGs.
+
+    Args:
+        client: an ``MlflowClient``.
+        run_id: the run.
+
+    Returns:
+        ``(images or None, notes)``; notes say what was missing or substituted.
+    """
+    notes: list[str] = []
+    try:
+        names = {Path(f.path).name for f in client.list_artifacts(run_id)}
+    except Exception as err:  # unreachable artifact store: report without images
+        return None, [f"artifacts of run {run_id} could not be listed: {err}"]
+    with tempfile.TemporaryDirectory(prefix="deqbench-report-") as tmp:
+        if "images.pt" in names:
+            path = Path(client.download_artifacts(run_id, "images.pt", tmp))
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            images = images_from_dict(data)
+            if images.stage1 is None and "stage1.png" in names:
+                images.stage1 = _read_png(Path(client.download_artifacts(run_id, "stage1.png", tmp)))
+                notes.append("stage-1 image read from the 8-bit stage1.png (images.pt has no 'stage1')")
+            return images, notes
+        if {"ground_truth.png", "reconstruction.png"} <= names:
+            png = {n: _read_png(Path(client.download_artifacts(run_id, n, tmp)))
+                   for n in ("ground_truth.png", "reconstruction.png", "stage1.png") if n in names}
+            notes.append("images.pt not recorded: values computed on the 8-bit PNGs (differ from logged metrics)")
+            return RunImages(png["ground_truth.png"], png["reconstruction.png"], png.get("stage1.png"),
+                             "8-bit PNG"), notes
+    return None, [f"run {run_id} recorded no images (neither images.pt nor ground_truth.png/reconstruction.png)"]
+
+
+# --------------------------------------------------------------------- numbers
+
+
+def _data_range(family: str | None, gt: torch.Tensor) -> torch.Tensor | None:
+    """fastMRI convention for MRI volumes (the volume's maximum), else the metric default."""
+    if family == "deprox":
+        return gt.reshape(gt.shape[0], -1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    return None
+
+
+def significant_residual_mask(pred: torch.Tensor, target: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Pixels counted by :func:`suite.metrics.significant_residuals`.
+
+    ``|target - pred| > threshold * (max - min of target)`` per sample, in the
+    same dtype arithmetic, so ``100 * mask.mean()`` equals the SR share.
+
+    Args:
+        pred: ``(B, C, H, W)``.
+        target: ``(B, C, H, W)``.
+        threshold: fraction of the target's range.
+
+    Returns:
+        ``(B, C, H, W)`` boolean.
+    """
+    dtype = torch.float64 if torch.float64 in (pred.dtype, target.dtype) else torch.float32
+    flat = target.reshape(target.shape[0], -1)
+    bound = (threshold * (flat.amax(dim=1) - flat.amin(dim=1)).to(torch.float64)).to(dtype)
+    return (target.to(dtype) - pred).abs() > bound.view(-1, 1, 1, 1)
+
+
+def signal_characteristics(images: RunImages, settings: SpectralSettings, family: str | None = None) -> dict[str, float]:
+    """PSNR, SSIM, HFE and SR of each output, and HFE of the ground truth and residuals.
+
+    All by :mod:`suite.metrics` with ``settings``; PSNR/SSIM use the ground
+    truth's range (a volume's maximum for ``family="deprox"``).
+
+    Args:
+        images: the run's images ``(1, C, H, W)``.
+        settings: HFE/SR definitions.
+        family: the run's family.
+
+    Returns:
+        Keys ``hfe_gt`` and, for ``stage1`` and ``final``: ``psnr_*``, ``ssim_*``,
+        ``hfe_*``, ``hfe_residual_*``, ``sr_*`` (NaN where the output is missing),
+        and ``gain_db = psnr_final - psnr_stage1``.
+    """
+    gt = images.ground_truth
+    hfe_kw = {"cutoff": settings.hfe_cutoff, "mode": settings.hfe_mode}
+    out = {"hfe_gt": float(M.hfe(gt, **hfe_kw)[0])}
+    rng = _data_range(family, gt)
+    for name, pred in (("stage1", images.stage1), ("final", images.final)):
+        if pred is None:
+            for k in ("psnr", "ssim", "hfe", "hfe_residual", "sr"):
+                out[f"{k}_{name}"] = math.nan
+            continue
+        out[f"psnr_{name}"] = float(M.psnr(pred, gt, data_range=rng)[0])
+        out[f"ssim_{name}"] = float(M.ssim(pred, gt, data_range=rng)[0]) if min(gt.shape[-2:]) >= 7 else math.nan
+        out[f"hfe_{name}"] = float(M.hfe(pred, **hfe_kw)[0])
+        out[f"hfe_residual_{name}"] = float(M.hfe(gt - pred, **hfe_kw)[0])
+        out[f"sr_{name}"] = float(M.significant_residuals(pred, gt, threshold=settings.sr_threshold)[0])
+    out["gain_db"] = out["psnr_final"] - out["psnr_stage1"]
+    return out
+
+
+def metric_history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of one metric, by step (the newest value where a step repeats)."""
+    by_step: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run_id, key):
+        if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
+            by_step[m.step] = (m.timestamp, float(m.value))
+    return [(s, by_step[s][1]) for s in sorted(by_step)]
+
+
+def stage_boundaries(stage: Sequence[tuple[int, float]]) -> list[int]:
+    """Epochs at which the logged ``stage`` changes: the first epoch of each new stage.
+
+    Args:
+        stage: ``(epoch, stage)`` history, any order.
+
+    Returns:
+        Sorted epochs whose stage differs from the previous logged epoch's.
+    """
+    ordered = sorted(stage)
+    return [s for (_, prev), (s, cur) in zip(ordered, ordered[1:]) if cur != prev]
+
+
+# --------------------------------------------------------------------- run selection
+
+
+def group_key(runs: "pd.DataFrame") -> str | None:
+    """The first of :data:`GROUP_KEYS` that is a column of ``runs``."""
+    return next((k for k in GROUP_KEYS if k in runs.columns), None)
+
+
+def _present(value: Any) -> bool:
+    if value is None:
+        return False
+    try:
+        return not bool(value != value)  # NaN / pd.NA
+    except (TypeError, ValueError):
+        return True
+
+
+def _first(row: Mapping[str, Any], keys: Sequence[str]) -> Any:
+    return next((row[k] for k in keys if k in row and _present(row[k]) and str(row[k]) != ""), None)
+
+
+def image_label(row: Mapping[str, Any], key: str | None) -> str:
+    """What a run reconstructs: its group param's value, else ``run-<id prefix>``."""
+    value = row.get(key) if key else None
+    return str(value) if _present(value) else f"run-{str(row['run_id'])[:8]}"
+
+
+def model_label(row: Mapping[str, Any]) -> str:
+    """A run's model: the first of :data:`MODEL_KEYS` it has, else ``"unknown"``."""
+    value = _first(row, MODEL_KEYS)
+    return "unknown" if value is None else str(value)
+
+
+def representative_runs(runs: "pd.DataFrame") -> "pd.DataFrame":
+    """One run per image: seed 0 when there is one, else the first (oldest) run.
+
+    Args:
+        runs: wide table of :func:`analysis.runs.load_runs` (FINISHED runs), ordered by start time.
+
+    Returns:
+        The chosen rows, ordered by image label, with an added ``image`` column.
+    """
+    key = group_key(runs)
+    df = runs.copy()
+    df["image"] = [image_label(r, key) for r in df.to_dict("records")]
+    chosen = []
+    for _, part in df.groupby("image", sort=True):
+        if "seed" in part.columns:
+            seed0 = part[part["seed"].astype(object).map(lambda s: _present(s) and str(s) == "0")]
+            if len(seed0):
+                part = seed0
+        chosen.append(part.index[0])
+    return df.loc[chosen].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------- sweep-wide tables
+
+
+def _is_unrolled(label: str) -> bool:
+    return "unroll" in label.lower()
+
+
+def _is_baseline(label: str) -> bool:
+    low = label.lower()
+    return "zero" in low or low in ("zf", "adjoint")
+
+
+def noise_table(runs: "pd.DataFrame") -> "pd.DataFrame":
+    """Noise-robustness values in long form.
+
+    Args:
+        runs: wide table (FINISHED runs); metrics ``noise/<sigma>/psnr`` and ``noise/<sigma>/ssim``.
+
+    Returns:
+        Columns ``model``, ``run_id``, ``sigma`` (float), ``metric``, ``value``;
+        one row per run and logged metric (empty when none).
+    """
+    import pandas as pd
+
+    cols = [(c, _NOISE_RE.match(c)) for c in runs.columns]
+    rows = []
+    for rec in runs.to_dict("records"):
+        for col, m in cols:
+            if m is None or not _present(rec[col]):
+                continue
+            try:
+                sigma = float(m["sigma"])
+            except ValueError:
+                continue
+            rows.append({"model": model_label(rec), "run_id": rec["run_id"], "sigma": sigma,
+                         "metric": m["metric"], "value": float(rec[col])})
+    return pd.DataFrame(rows, columns=["model", "run_id", "sigma", "metric", "value"])
+
+
+def solver_table(runs: "pd.DataFrame", client: Any) -> "pd.DataFrame":
+    """Per-epoch solver iterations of every DEQ run, in long form.
+
+    Unrolled and zero-filled runs are left out (their "iterations" are fixed).
+
+    Args:
+        runs: wide table (FINISHED runs).
+        client: an ``MlflowClient`` (histories of ``solver/fwd_nstep`` and ``solver/bwd_nstep``).
+
+    Returns:
+        Columns ``solver``, ``direction`` (``forward``/``backward``), ``run_id``,
+        ``step``, ``nstep``; one row per logged epoch.
+    """
+    import pandas as pd
+
+    rows = []
+    for rec in runs.to_dict("records"):
+        label = model_label(rec)
+        if _is_unrolled(label) or _is_baseline(label):
+            continue
+        solver = _first(rec, SOLVER_KEYS)
+        for key, direction in (("solver/fwd_nstep", "forward"), ("solver/bwd_nstep", "backward")):
+            if key not in rec or not _present(rec[key]):
+                continue
+            for step, value in metric_history(client, rec["run_id"], key):
+                rows.append({"solver": "unknown" if solver is None else str(solver), "direction": direction,
+                             "run_id": rec["run_id"], "step": step, "nstep": value})
+    return pd.DataFrame(rows, columns=["solver", "direction", "run_id", "step", "nstep"])
+
+
+def memory_tables(runs: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    """Peak memory of unrolled runs by K, and of the DEQ runs of the same families.
+
+    Args:
+        runs: wide table (FINISHED runs) with ``mem/peak_mb``.
+
+    Returns:
+        ``(unrolled, deq)``: ``unrolled`` has ``model``, ``k``, ``mem_mb``,
+        ``run_id`` (runs whose model names "unroll" and that have a K param,
+        :data:`UNROLL_K_KEYS`); ``deq`` has ``model``, ``mem_mb``, ``run_id``
+        (other non-baseline runs of a family that has unrolled runs).
+    """
+    import pandas as pd
+
+    unrolled, deq = [], []
+    if "mem/peak_mb" in runs.columns:
+        records = [r for r in runs.to_dict("records") if _present(r["mem/peak_mb"])]
+        for rec in records:
+            label = model_label(rec)
+            k = _first(rec, UNROLL_K_KEYS)
+            if _is_unrolled(label) and k is not None:
+                unrolled.append({"model": label, "k": int(k), "mem_mb": float(rec["mem/peak_mb"]),
+                                 "run_id": rec["run_id"], "family": _first(rec, ("family", "tag.family"))})
+        families = {u["family"] for u in unrolled}
+        for rec in records:
+            label = model_label(rec)
+            if not _is_unrolled(label) and not _is_baseline(label) and _first(rec, ("family", "tag.family")) in families:
+                deq.append({"model": label, "mem_mb": float(rec["mem/peak_mb"]), "run_id": rec["run_id"]})
+    return (pd.DataFrame(unrolled, columns=["model", "k", "mem_mb", "run_id"]),
+            pd.DataFrame(deq, columns=["model", "mem_mb", "run_id"]))
+
+
+def experiment_figures(runs: "pd.DataFrame", client: Any) -> tuple[dict[str, "Figure"], list[str]]:
+    """The sweep-wide figures whose data exist, and what was skipped (with why).
+
+    Returns:
+        ``({name: figure}, skipped)``, names from :data:`EXPERIMENT_FIGURES`.
+    """
+    from analysis import figures as F
+
+    figs: dict[str, Figure] = {}
+    skipped: list[str] = []
+    noise = noise_table(runs)
+    if len(noise):
+        figs["noise_robustness"] = F.noise_figure(noise)
+    else:
+        skipped.append("noise_robustness: no run logged noise/<sigma>/psnr or noise/<sigma>/ssim")
+    solver = solver_table(runs, client)
+    if len(solver):
+        figs["solver_iterations"] = F.solver_figure(solver)
+    else:
+        skipped.append("solver_iterations: no DEQ run logged solver/fwd_nstep")
+    unrolled, deq = memory_tables(runs)
+    if len(unrolled):
+        figs["memory_vs_k"] = F.memory_figure(unrolled, deq)
+    else:
+        skipped.append(f"memory_vs_k: no unrolled run with mem/peak_mb and a K param ({', '.join(UNROLL_K_KEYS)})")
+    return figs, skipped
+
+
+# --------------------------------------------------------------------- per-image figures
+
+
+def _plane(x: torch.Tensor | None) -> np.ndarray | None:
+    """The middle ``(H, W)`` plane of ``(1, C, H, W)`` as float64 numpy."""
+    if x is None:
+        return None
+    return x[0, x.shape[1] // 2].to(torch.float64).numpy()
+
+
+def output_columns(images: RunImages | None, family: str | None, model: str) -> list[tuple[str, torch.Tensor | None]]:
+    """The reconstructions to compare, ``(label, (1, C, H, W) or None)``, ground truth excluded.
+
+    CRR (or any run with a stage-1 image) shows ``DEQ (stage 1)`` then ``DEQ+CRR``;
+    a DEQ-INR run ``DEQ``; another family its model label.
+    """
+    final_label = FINAL_LABELS.get(family or "", model)
+    stage1 = images.stage1 if images is not None else None
+    final = images.final if images is not None else None
+    cols: list[tuple[str, torch.Tensor | None]] = []
+    if family == "crr" or stage1 is not None:
+        cols.append((STAGE1_LABEL, stage1))
+    cols.append((final_label, final))
+    return cols
+
+
+def image_figures(
+    images: RunImages | None,
+    chars: Mapping[str, float],
+    settings: SpectralSettings,
+    family: str | None,
+    model: str,
+    histories: Mapping[str, Sequence[tuple[int, float]]],
+    stage1_psnr: float = math.nan,
+    title: str = "",
+) -> dict[str, "Figure"]:
+    """The four per-image figures (:data:`IMAGE_FIGURES`).
+
+    Args:
+        images: the run's images or None (panels then say "not recorded").
+        chars: :func:`signal_characteristics` of ``images`` (shown in titles).
+        settings: HFE/SR definitions (cut-off circle, SR threshold).
+        family: the run's family.
+        model: the run's model label.
+        histories: ``psnr``, ``loss`` and ``stage`` metric histories.
+        stage1_psnr: logged ``stage1/psnr`` (horizontal line), NaN if absent.
+        title: prefix of every figure title.
+
+    Returns:
+        ``{name: figure}`` in :data:`IMAGE_FIGURES` order.
+    """
+    from analysis import figures as F
+
+    cols = output_columns(images, family, model)
+    suffixes = {STAGE1_LABEL: "stage1"}
+    gt = images.ground_truth if images is not None else None
+    panels = [F.ImagePanel(GT_LABEL, _plane(gt), chars.get("hfe_gt", math.nan))]
+    residuals, curves = [], {}
+    if gt is not None:
+        h, w = gt.shape[-2:]
+        freq = M.radial_frequencies(h, w).numpy()
+        curves[GT_LABEL] = (freq, M.radial_power_spectrum(gt)[0].numpy())
+    for label, pred in cols:
+        key = suffixes.get(label, "final")
+        panels.append(F.ImagePanel(label, _plane(pred), chars.get(f"hfe_{key}", math.nan),
+                                   chars.get(f"psnr_{key}", math.nan)))
+        if pred is None or gt is None:
+            residuals.append(F.ResidualPanel(label, None, None))
+            continue
+        resid = M.residual_map(pred, gt)
+        mask = significant_residual_mask(pred, gt, settings.sr_threshold)
+        residuals.append(F.ResidualPanel(label, _plane(resid), _plane(mask.to(torch.float64)) > 0.5,
+                                         chars.get(f"sr_{key}", math.nan)))
+        curves[label] = (freq, M.radial_power_spectrum(pred)[0].numpy())
+    for label, pred in cols:
+        if pred is not None and gt is not None:
+            curves[f"residual {label}"] = (freq, M.radial_power_spectrum(gt - pred)[0].numpy())
+    psnr_hist = list(histories.get("psnr", ()))
+    stage = list(histories.get("stage", ()))
+    if stage:  # the final value is logged one step after the last epoch: keep the epochs
+        last = max(s for s, _ in stage)
+        psnr_hist = [(s, v) for s, v in psnr_hist if s <= last]
+    head = f"{title}: " if title else ""
+    return {
+        "reconstructions": F.reconstruction_figure(panels, settings.hfe_cutoff, f"{head}reconstructions and spectra"),
+        "residuals": F.residual_figure(residuals, settings.sr_threshold, f"{head}residuals"),
+        "radial_spectra": F.radial_spectrum_figure(curves, f"{head}radially averaged power spectra"),
+        "training_curves": F.training_curves_figure(psnr_hist, list(histories.get("loss", ())),
+                                                    stage_boundaries(stage), stage1_psnr, f"{head}training"),
+    }
+
+
+# --------------------------------------------------------------------- the report
+
+
+@dataclass
+class ImageReport:
+    """What was made for one image.
+
+    Attributes:
+        image: the image label (``data.image``).
+        run_id: the representative run.
+        directory: ``DIR/<image>``.
+        characteristics: its row of ``signal_characteristics.csv``.
+        files: figures (PDF, PNG) and the image's ``report.pdf``/``report.html``.
+        notes: what was missing or substituted.
+        logged: artifact paths logged to the run (``report/<name>``).
+        pdf_pages: pages of ``report.pdf``.
+    """
+
+    image: str
+    run_id: str
+    directory: Path
+    characteristics: dict[str, Any]
+    files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    logged: list[str] = field(default_factory=list)
+    pdf_pages: int = 0
+
+
+@dataclass
+class SpectralReport:
+    """Where a spectral report went.
+
+    Attributes:
+        out: the output directory.
+        html: ``spectral_report.html``.
+        pdf: ``spectral_report.pdf``.
+        csv: ``signal_characteristics.csv``.
+        images: one entry per image.
+        experiment_files: the sweep-wide figures written (PDF, PNG).
+        skipped: figures not made, with the reason.
+        pdf_pages: pages of ``spectral_report.pdf``.
+    """
+
+    out: Path
+    html: Path
+    pdf: Path
+    csv: Path
+    images: list[ImageReport]
+    experiment_files: list[Path]
+    skipped: list[str]
+    pdf_pages: int = 0
+
+    def paths(self) -> list[Path]:
+        """Every file written: HTML, PDF, CSV, then per image, then sweep-wide figures."""
+        out = [self.html, self.pdf, self.csv]
+        for im in self.images:
+            out += im.files
+        return out + self.experiment_files
+
+
+def _safe_dir(label: str, taken: set[str]) -> str:
+    name = _UNSAFE.sub("_", label).strip("._") or "image"
+    base, i = name, 2
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def _summary(chars: Sequence[Mapping[str, Any]]) -> "pd.DataFrame":
+    import pandas as pd
+
+    df = pd.DataFrame(list(chars), columns=list(CHARACTERISTIC_COLUMNS))
+    return df
+
+
+def _settings_note(df: "pd.DataFrame") -> str:
+    parts = sorted({f"HFE outside {r.hfe_cutoff:g} x Nyquist ({r.hfe_mode}), SR > {100 * r.sr_threshold:g} % of range"
+                    for r in df.itertuples()})
+    return "Definitions: " + "; ".join(parts) + ". PSNR in dB, HFE and SR in %. " \
+        "'stage1' = frozen DEQ (CRR stage 1), 'final' = the run's output, 'residual' = gt - output."
+
+
+def _check_logged(chars: Mapping[str, float], metrics: Mapping[str, Any], source: str) -> list[str]:
+    """Notes where the recomputed final values differ from the run's logged ones."""
+    notes = []
+    for logged, mine in (("psnr", "psnr_final"), ("hfe", "hfe_final"), ("sr", "sr_final"),
+                         ("stage1/psnr", "psnr_stage1")):
+        a, b = metrics.get(logged), chars.get(mine)
+        if a is None or b is None or not _present(a) or math.isnan(b):
+            continue
+        if not math.isclose(float(a), b, rel_tol=1e-6, abs_tol=1e-9):
+            notes.append(f"logged {logged} = {float(a):.6g} but recomputed on the {source} images = {b:.6g}")
+    return notes
+
+
+def spectral_report(
+    experiment: str,
+    out: str | Path,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    log_artifacts: bool = True,
+) -> SpectralReport:
+    """Writes the spectral report of an experiment (see the module docstring).
+
+    Args:
+        experiment: MLflow experiment (sweep) name.
+        out: output directory (created).
+        run_id: report on this run only (any status); default one
+            representative FINISHED run per image and the sweep-wide figures.
+        tracking_uri: MLflow store (default ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``).
+        log_artifacts: also log each image's files to its run under ``report/``.
+
+    Returns:
+        Where everything went.
+
+    Raises:
+        ValueError: unknown experiment or store, a run id not in the experiment,
+            or an experiment without FINISHED runs.
+    """
+    from matplotlib.backends.backend_pdf import PdfPages
+    from mlflow.tracking import MlflowClient
+
+    from analysis import figures as F
+    from analysis import html as H
+    from analysis.runs import load_runs, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    out = Path(out).absolute()
+    runs = load_runs(experiment, tracking_uri=uri, include_unfinished=run_id is not None)
+    if run_id is not None:
+        chosen = runs[runs["run_id"] == run_id]
+        if chosen.empty:
+            ids = ", ".join(runs["run_id"].head(10))
+            raise ValueError(f"run {run_id!r} is not in experiment {experiment!r}; its runs include: {ids or 'none'}")
+        key = group_key(runs)
+        chosen = chosen.assign(image=[image_label(r, key) for r in chosen.to_dict("records")])
+    else:
+        if runs.empty:
+            raise ValueError(f"experiment {experiment!r} has no FINISHED run to report on")
+        chosen = representative_runs(runs)
+    client = MlflowClient(tracking_uri=uri)
+    out.mkdir(parents=True, exist_ok=True)
+
+    image_reports: list[ImageReport] = []
+    figure_sets: list[dict[str, Figure]] = []
+    taken: set[str] = set()
+    for rec in chosen.to_dict("records"):
+        rid, family = str(rec["run_id"]), _first(rec, ("family", "tag.family"))
+        family = None if family is None else str(family)
+        model = model_label(rec)
+        settings = SpectralSettings.from_params(rec)
+        images, notes = load_run_images(client, rid)
+        if rec.get("status") not in (None, "FINISHED"):
+            notes.append(f"run status is {rec['status']}")
+        chars: dict[str, Any] = {
+            "image": rec["image"], "run_id": rid, "run_name": rec.get("run_name"), "family": family,
+            "seed": rec.get("seed") if _present(rec.get("seed")) else None,
+            "height": int(images.ground_truth.shape[-2]) if images else None,
+            "width": int(images.ground_truth.shape[-1]) if images else None,
+            "source": images.source if images else "not recorded",
+            "hfe_cutoff": settings.hfe_cutoff, "hfe_mode": settings.hfe_mode, "sr_threshold": settings.sr_threshold,
+        }
+        values = signal_characteristics(images, settings, family) if images else {}
+        chars.update({c: values.get(c, math.nan) for c in CHARACTERISTIC_COLUMNS if c not in chars})
+        if images is not None:
+            notes += _check_logged(chars, rec, images.source)
+        if images is not None and images.stage1 is None and family == "crr":
+            notes.append("stage-1 (DEQ) reconstruction not recorded: stage-1 panels are empty")
+        histories = {k: metric_history(client, rid, k) for k in ("psnr", "loss", "stage")}
+        stage1_psnr = float(rec["stage1/psnr"]) if _present(rec.get("stage1/psnr")) else math.nan
+        figs = image_figures(images, chars, settings, family, model, histories, stage1_psnr, title=rec["image"])
+        directory = out / _safe_dir(rec["image"], taken)
+        rep = ImageReport(rec["image"], rid, directory, chars, notes=notes)
+        for name, fig in figs.items():
+            rep.files += F.save_figure(fig, directory / name)
+        image_reports.append(rep)
+        figure_sets.append(figs)
+
+    summary = _summary([r.characteristics for r in image_reports])
+    csv_path = out / CSV_NAME
+    summary.to_csv(csv_path, index=False, float_format="%.17g")
+    shown = summary[list(SUMMARY_COLUMNS)]
+    settings_note = _settings_note(summary)
+
+    exp_figs: dict[str, Figure] = {}
+    skipped: list[str] = []
+    if run_id is None:
+        exp_figs, skipped = experiment_figures(runs, client)
+    else:
+        skipped = [f"{n}: not made for a single run (--run)" for n in EXPERIMENT_FIGURES]
+    exp_files: list[Path] = []
+    for name, fig in exp_figs.items():
+        exp_files += F.save_figure(fig, out / name)
+
+    # per-image HTML fragments are rendered once and shared by both HTML pages
+    fragments: list[list[str]] = []
+    for rep, figs in zip(image_reports, figure_sets):
+        parts = [H.heading(f"{rep.image} — run {rep.characteristics['run_name'] or ''} ({rep.run_id})", 2,
+                           anchor=rep.directory.name)]
+        parts.append(H.bullet_list(rep.notes))
+        parts += [H.figure(rep.directory / f"{name}.png", caption=name.replace("_", " "), name=name)
+                  for name in figs]
+        fragments.append(parts)
+
+    # per-image report.pdf / report.html, logged to the run
+    for rep, figs, parts in zip(image_reports, figure_sets, fragments):
+        row = _summary([rep.characteristics])[list(SUMMARY_COLUMNS)]
+        pdf_path = rep.directory / "report.pdf"
+        with PdfPages(pdf_path) as pdf:
+            pdf.savefig(F.table_figure(row, f"{experiment}: {rep.image}", notes=[settings_note, *rep.notes]))
+            for fig in figs.values():
+                pdf.savefig(fig)
+            rep.pdf_pages = pdf.get_pagecount()
+        html_path = H.write(rep.directory / "report.html", f"Spectral report: {experiment} / {rep.image}",
+                            [H.table(row, table_id="summary"), H.paragraph(settings_note, "note"), *parts])
+        rep.files += [pdf_path, html_path]
+        if log_artifacts:
+            for path in rep.files:
+                try:
+                    client.log_artifact(rep.run_id, str(path), ARTIFACT_DIR)
+                    rep.logged.append(f"{ARTIFACT_DIR}/{path.name}")
+                except Exception as err:  # a read-only or remote store: the files are still on disk
+                    rep.notes.append(f"could not log {path.name} to run {rep.run_id}: {err}")
+                    break
+
+    pdf_path = out / PDF_NAME
+    with PdfPages(pdf_path) as pdf:
+        pdf.savefig(F.table_figure(shown, f"Spectral report: {experiment} — signal characteristics",
+                                   notes=[settings_note, *(f"skipped {s}" for s in skipped)]))
+        for figs in figure_sets:
+            for fig in figs.values():
+                pdf.savefig(fig)
+        for fig in exp_figs.values():
+            pdf.savefig(fig)
+        pages = pdf.get_pagecount()
+
+    parts = [H.heading("Signal characteristics", 2), H.table(shown, table_id="summary"),
+             H.paragraph(settings_note + f" Full precision: {CSV_NAME}.", "note")]
+    parts += [p for frag in fragments for p in frag]
+    if exp_figs or skipped:
+        parts.append(H.heading("Across runs", 2))
+        parts += [H.figure(out / f"{name}.png", caption=name.replace("_", " "), name=name) for name in exp_figs]
+        if skipped:
+            parts += [H.paragraph("Not made:", "note"), H.bullet_list(skipped)]
+    html_path = H.write(out / HTML_NAME, f"Spectral report: {experiment}", parts)
+    return SpectralReport(out, html_path, pdf_path, csv_path, image_reports, exp_files, skipped, pages)
+
+
+def report_command(
+    kind: str,
+    experiment: str,
+    out: str | Path,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> list[Path]:
+    """``deqbench report KIND``: writes the report and says where it went.
+
+    Prints the figures that were skipped and the MLflow runs the per-image
+    files were logged to.
+
+    Args:
+        kind: report kind, one of :data:`REPORT_KINDS`.
+        experiment: MLflow experiment (sweep) name.
+        out: output directory.
+        run_id: one run only (see :func:`spectral_report`).
+        tracking_uri: MLflow store.
+
+    Returns:
+        Every file written (:meth:`SpectralReport.paths`).
+
+    Raises:
+        ValueError: unknown ``kind``, besides :func:`spectral_report`'s cases.
+    """
+    if kind not in REPORT_KINDS:
+        raise ValueError(f"unknown report kind {kind!r}; choose one of {list(REPORT_KINDS)}")
+    rep = spectral_report(experiment, out, run_id=run_id, tracking_uri=tracking_uri)
+    for s in rep.skipped:
+        print(f"skipped {s}")
+    for im in rep.images:
+        if im.logged:
+            print(f"{im.image}: {len(im.logged)} files logged to MLflow run {im.run_id} under {ARTIFACT_DIR}/")
+        for note in im.notes:
+            print(f"{im.image}: {note}")
+    return rep.paths()
