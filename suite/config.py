@@ -114,6 +114,145 @@ class CRRConfig:
     keep_best: bool = True
 
 
+MRI_CHALLENGES = ("singlecoil", "multicoil")
+MRI_MASK_TYPES = ("random", "equispaced", "equispaced_fraction")
+DEPROX_KINDS = ("deq", "unrolled", "zero_filled")
+DEPROX_LOSSES = ("mse", "l1", "ssim", "perp")
+
+
+def _pair(key: str, value: tuple[int, ...], lo: int, hi: int) -> None:
+    """Refuses anything but two ints ``(H, W)`` in ``[lo, hi]``."""
+    if len(value) != 2 or not all(lo <= v <= hi for v in value):
+        raise ConfigError(f"{key}: expected two ints (H, W), each in [{lo}, {hi}], got {list(value)!r}")
+
+
+@dataclass(frozen=True)
+class MRIConfig:
+    """fastMRI volumes for DE-Prox: source, undersampling, slices, crop, split.
+
+    ``root`` is a directory of fastMRI ``.h5`` volumes (or one volume), or
+    ``synthetic``: a deterministic synthetic set (:mod:`suite.data.synth`,
+    ``synth_*`` keys) written once into ``synth_dir`` (empty: ``$DEQBENCH_CACHE``,
+    else ``~/.cache/deqbench``) and reused. Validation volumes are ``val_root``
+    when given, else the last ``val_volumes`` files of ``root`` (sorted by name).
+
+    Slices ``[slice_start, slice_stop)`` (half-open, clipped to each volume) are
+    cropped to ``crop`` (``crop_mode`` ``image``: the target's field of view;
+    ``kspace``: central k-space block) and undersampled column-wise with a
+    seeded ``mask_type`` mask per volume: ``acceleration`` with a fully sampled
+    centre of ``center_fraction`` of the ``crop[1]`` columns. ``preload`` keeps
+    every served slice in memory (small sets only).
+    """
+
+    root: str = "synthetic"
+    val_root: str = ""
+    val_volumes: int = _range(1, 1, 10**6)
+    challenge: str = _choice("singlecoil", MRI_CHALLENGES)
+    acceleration: int = _range(4, 1, 1024)
+    center_fraction: float = _range(0.08, 0.0, 1.0)
+    mask_type: str = _choice("random", MRI_MASK_TYPES)
+    slice_start: int = _range(11, 0, 10**6)
+    slice_stop: int = _range(27, 1, 10**6)
+    crop: tuple[int, ...] = (320, 320)
+    crop_mode: str = _choice("image", ("image", "kspace"))
+    clamp: float = _range(6.0, 0.0, 1e6)
+    preload: bool = False
+    synth_dir: str = ""
+    synth_volumes: int = _range(8, 2, 10**5)
+    synth_slices: int = _range(32, 1, 10**4)
+    synth_coils: int = _range(0, 0, 128)
+    synth_size: tuple[int, ...] = (640, 368)
+    synth_anatomy: str = _choice("knee", ("knee", "brain"))
+    synth_seed: int = _range(0, 0, 2**31 - 1)
+
+    def __post_init__(self) -> None:
+        _pair("mri.crop", self.crop, 8, 8192)
+        _pair("mri.synth_size", self.synth_size, 8, 8192)
+        if self.slice_start >= self.slice_stop:
+            raise ConfigError(
+                f"mri.slice_start {self.slice_start} must be < mri.slice_stop {self.slice_stop} "
+                "(a half-open range [start, stop))"
+            )
+        if not self.center_fraction > 0 or not self.clamp > 0:
+            raise ConfigError(
+                f"mri.center_fraction and mri.clamp must be > 0, got {self.center_fraction!r} and {self.clamp!r}"
+            )
+        if self.center_fraction * self.acceleration >= 1:
+            raise ConfigError(
+                f"mri.center_fraction {self.center_fraction} x mri.acceleration {self.acceleration} must be < 1: "
+                "the fully sampled centre alone would exceed the sampling budget 1/acceleration"
+            )
+        cols = self.crop[1]
+        n_low = round(cols * self.center_fraction)
+        if n_low < 1 or cols / self.acceleration < 1:
+            raise ConfigError(
+                f"mri.acceleration {self.acceleration} with mri.center_fraction {self.center_fraction} cannot be made "
+                f"on {cols} columns (mri.crop[1]): the mask needs at least one centre column "
+                f"(got {n_low}) and at least one sampled column (got {cols / self.acceleration:.2f})"
+            )
+        if self.root == "synthetic":
+            if self.crop[0] > self.synth_size[0] or self.crop[1] > self.synth_size[1]:
+                raise ConfigError(
+                    f"mri.crop {list(self.crop)} must fit inside mri.synth_size {list(self.synth_size)}"
+                )
+            if self.slice_start >= self.synth_slices:
+                raise ConfigError(
+                    f"mri.slice_start {self.slice_start} lies outside the synthetic volumes "
+                    f"(mri.synth_slices = {self.synth_slices}, valid indices 0..{self.synth_slices - 1})"
+                )
+            if self.val_volumes >= self.synth_volumes and not self.val_root:
+                raise ConfigError(
+                    f"mri.val_volumes {self.val_volumes} leaves no training volume of "
+                    f"mri.synth_volumes {self.synth_volumes}"
+                )
+            if (self.challenge == "multicoil") != (self.synth_coils >= 2):
+                raise ConfigError(
+                    f"mri.challenge {self.challenge!r} needs mri.synth_coils "
+                    f"{'>= 2' if self.challenge == 'multicoil' else '0 or 1'}, got {self.synth_coils}"
+                )
+
+
+@dataclass(frozen=True)
+class DEProxConfig:
+    """DE-Prox and its baselines: ``x <- R(x - eta A^H (A x - y))``, ``R`` a DnCNN.
+
+    ``kind``: ``deq`` (fixed point by the ``deq`` section's solver, IFT or
+    phantom gradient), ``unrolled`` (``unroll_k`` steps, backprop through all)
+    or ``zero_filled`` (``A^H y``, no training). ``R``: ``depth`` x ``width``
+    DnCNN, every conv spectrally normalised to ``sn_coeff``, ``norm``
+    ``group`` (GroupNorm, ``num_groups``) or ``none``, residual learning.
+
+    Training has two stages: ``pretrain_epochs`` of Gaussian denoising of the
+    target images (noise std ``pretrain_sigma`` in the served units, where the
+    zero-filled magnitude image has unit standard deviation; Adam at
+    ``pretrain_lr``), then ``train.epochs`` of end-to-end fine-tuning with
+    ``loss`` at ``train.lr``.
+    """
+
+    kind: str = _choice("deq", DEPROX_KINDS)
+    unroll_k: int = _range(5, 1, 1000)
+    depth: int = _range(17, 2, 256)
+    width: int = _range(64, 1, 4096)
+    norm: str = _choice("group", ("none", "group"))
+    num_groups: int = _range(8, 1, 4096)
+    spectral_norm: bool = True
+    sn_coeff: float = _range(1.0, 0.0, 10.0)
+    residual: bool = True
+    eta: float = _range(1.0, 0.0, 10.0)
+    loss: str = _choice("mse", DEPROX_LOSSES)
+    pretrain_epochs: int = _range(10, 0, 10**7)
+    pretrain_sigma: float = _range(0.1, 0.0, 100.0)
+    pretrain_lr: float = _range(1e-3, 0.0, 10.0)
+
+    def __post_init__(self) -> None:
+        if not self.eta > 0 or not self.sn_coeff > 0:
+            raise ConfigError(f"deprox.eta and deprox.sn_coeff must be > 0, got {self.eta!r} and {self.sn_coeff!r}")
+        if self.norm == "group" and self.width % self.num_groups:
+            raise ConfigError(
+                f"deprox.num_groups {self.num_groups} must divide deprox.width {self.width} (norm: group)"
+            )
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Definitions of the spectral metrics, and the noise-robustness grid.
@@ -156,6 +295,8 @@ class ExperimentConfig:
     deq: DEQConfig = field(default_factory=DEQConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     crr: CRRConfig = field(default_factory=CRRConfig)
+    mri: MRIConfig = field(default_factory=MRIConfig)
+    deprox: DEProxConfig = field(default_factory=DEProxConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
