@@ -18,6 +18,13 @@ def _image(cfg: ExperimentConfig) -> Any:
     return image_data(cfg.data.image, cfg.data.size)
 
 
+@DATASETS.register("deprox")
+def _fastmri(cfg: ExperimentConfig) -> Any:
+    from suite.training.deprox import load_deprox_data
+
+    return load_deprox_data(cfg)
+
+
 def load_data(cfg: ExperimentConfig) -> Any:
     """Loads the data of ``cfg.family`` (images for INR/CRR, fastMRI volumes for DE-Prox)."""
     return DATASETS.get(cfg.family)(cfg)

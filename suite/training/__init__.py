@@ -25,6 +25,13 @@ def _fit_inr(*args: Any, **kwargs: Any) -> dict[str, float]:
     return fit_inr(*args, **kwargs)
 
 
+@TRAINERS.register("deprox")
+def _fit_deprox(*args: Any, **kwargs: Any) -> dict[str, float]:
+    from suite.training.deprox import fit_deprox
+
+    return fit_deprox(*args, **kwargs)
+
+
 def fit(
     cfg: ExperimentConfig,
     model: Any,
