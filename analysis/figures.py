@@ -215,7 +215,7 @@ def residual_figure(panels: Sequence[ResidualPanel], threshold: float, title: st
         _image_axes(top)
         bottom.imshow(np.asarray(panel.significant, dtype=float), cmap="Greys", vmin=0.0, vmax=1.0,
                       interpolation="nearest")
-        bottom.set_title(f"SR {panel.sr:.2f} % (> {100 * threshold:g} % of range)", fontsize=9)
+        bottom.set_title(f"SR {panel.sr:.2f} % (black: > {100 * threshold:g} % of range)", fontsize=9)
         _image_axes(bottom)
     if mappable is not None:
         fig.colorbar(mappable, ax=grid[0], shrink=0.8, label="|residual|")
@@ -328,7 +328,7 @@ def table_figure(df: "pd.DataFrame", title: str = "", decimals: int = 2, notes: 
         Figure with one panel holding a matplotlib table.
     """
     n_rows, n_cols = df.shape
-    fig = _figure(1, 1, width=max(8.0, 1.05 * n_cols + 1.0), height=1.6 + 0.3 * (n_rows + 1) + 0.22 * len(notes))
+    fig = _figure(1, 1, width=min(max(8.0, 0.8 * n_cols), 11.7), height=1.0 + 0.25 * (n_rows + 1) + 0.2 * len(notes))
     ax = _panels(fig, 1, 1)[0][0]
     ax.axis("off")
     cells = [[_format_cell(v, decimals) for v in row] for row in df.astype(object).itertuples(index=False)]
@@ -428,6 +428,7 @@ def memory_figure(unrolled: "pd.DataFrame", deq: "pd.DataFrame", title: str = ""
         mean = float(part["mem_mb"].mean())
         ax.axhline(mean, color=colour, ls="--", lw=1.2, gid=DEQ_LINE_GID,
                    label=f"{model} (DEQ, {mean:.0f} MB, n={len(part)})")
+    ax.set_xticks(sorted(unrolled["k"].unique()))
     ax.set_xlabel("unrolled iterations K")
     ax.set_ylabel("peak memory (MB)")
     ax.grid(True, alpha=0.3)
@@ -450,7 +451,8 @@ def save_figure(fig: "Figure", stem: Path, dpi: int = 150) -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     pdf, png = stem.with_suffix(".pdf"), stem.with_suffix(".png")
     fig.savefig(pdf)
-    freeze_layout(fig)
+    # that save solved the constrained layout; keep it for the PNG and later saves
+    fig.set_layout_engine("none")
     fig.savefig(png, dpi=dpi)
     return [pdf, png]
 

@@ -263,7 +263,9 @@ def significant_residual_mask(pred: torch.Tensor, target: torch.Tensor, threshol
     return (target.to(dtype) - pred).abs() > bound.view(-1, 1, 1, 1)
 
 
-def signal_characteristics(images: RunImages, settings: SpectralSettings, family: str | None = None) -> dict[str, float]:
+def signal_characteristics(
+    images: RunImages, settings: SpectralSettings, family: str | None = None
+) -> dict[str, float]:
     """PSNR, SSIM, HFE and SR of each output, and HFE of the ground truth and residuals.
 
     All by :mod:`suite.metrics` with ``settings``; PSNR/SSIM use the ground
@@ -328,12 +330,13 @@ def group_key(runs: "pd.DataFrame") -> str | None:
 
 
 def _present(value: Any) -> bool:
+    """False for None, NaN, NaT and pd.NA (what a missing param or metric reads as)."""
+    import pandas as pd
+
     if value is None:
         return False
-    try:
-        return not bool(value != value)  # NaN / pd.NA
-    except (TypeError, ValueError):
-        return True
+    na = pd.isna(value)
+    return not (np.ndim(na) == 0 and bool(na))
 
 
 def _first(row: Mapping[str, Any], keys: Sequence[str]) -> Any:
@@ -469,7 +472,8 @@ def memory_tables(runs: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.DataFrame"]
         families = {u["family"] for u in unrolled}
         for rec in records:
             label = model_label(rec)
-            if not _is_unrolled(label) and not _is_baseline(label) and _first(rec, ("family", "tag.family")) in families:
+            family = _first(rec, ("family", "tag.family"))
+            if not _is_unrolled(label) and not _is_baseline(label) and family in families:
                 deq.append({"model": label, "mem_mb": float(rec["mem/peak_mb"]), "run_id": rec["run_id"]})
     return (pd.DataFrame(unrolled, columns=["model", "k", "mem_mb", "run_id"]),
             pd.DataFrame(deq, columns=["model", "mem_mb", "run_id"]))
@@ -697,6 +701,7 @@ def spectral_report(
     run_id: str | None = None,
     tracking_uri: str | None = None,
     log_artifacts: bool = True,
+    png_dpi: int = 150,
 ) -> SpectralReport:
     """Writes the spectral report of an experiment (see the module docstring).
 
@@ -707,6 +712,7 @@ def spectral_report(
             representative FINISHED run per image and the sweep-wide figures.
         tracking_uri: MLflow store (default ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``).
         log_artifacts: also log each image's files to its run under ``report/``.
+        png_dpi: resolution of the PNG figures (also the ones embedded in the HTML).
 
     Returns:
         Where everything went.
@@ -770,7 +776,7 @@ def spectral_report(
         directory = out / _safe_dir(rec["image"], taken)
         rep = ImageReport(rec["image"], rid, directory, chars, notes=notes)
         for name, fig in figs.items():
-            rep.files += F.save_figure(fig, directory / name)
+            rep.files += F.save_figure(fig, directory / name, dpi=png_dpi)
         image_reports.append(rep)
         figure_sets.append(figs)
 
@@ -788,7 +794,7 @@ def spectral_report(
         skipped = [f"{n}: not made for a single run (--run)" for n in EXPERIMENT_FIGURES]
     exp_files: list[Path] = []
     for name, fig in exp_figs.items():
-        exp_files += F.save_figure(fig, out / name)
+        exp_files += F.save_figure(fig, out / name, dpi=png_dpi)
 
     # per-image HTML fragments are rendered once and shared by both HTML pages
     fragments: list[list[str]] = []

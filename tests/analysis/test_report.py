@@ -23,7 +23,6 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -31,6 +30,7 @@ from analysis import figures as F
 from analysis.report import (
     CHARACTERISTIC_COLUMNS,
     IMAGE_FIGURES,
+    RunImages,
     SUMMARY_COLUMNS,
     SpectralSettings,
     experiment_figures,
@@ -291,7 +291,7 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Synth:
 
 @pytest.fixture(scope="module")
 def crr_report(synth: Synth, tmp_path_factory: pytest.TempPathFactory):
-    return spectral_report(CRR_EXP, tmp_path_factory.mktemp("report"), tracking_uri=synth.uri)
+    return spectral_report(CRR_EXP, tmp_path_factory.mktemp("report"), tracking_uri=synth.uri, png_dpi=72)
 
 
 def expected_characteristics(info: dict) -> dict[str, float]:
@@ -513,7 +513,7 @@ def test_missing_stage1_png_fallback_and_nothing(synth: Synth, tmp_path: Path) -
 
     # a full single-run report on the run without images still completes
     rep = spectral_report(DEGRADED_EXP, tmp_path, run_id=synth.runs["nothing"]["run_id"], tracking_uri=synth.uri,
-                          log_artifacts=False)
+                          log_artifacts=False, png_dpi=72)
     (row,) = read_csv(rep.csv)
     assert row["source"] == "not recorded" and row["hfe_final"] == "" and row["family"] == "deq_inr"
     assert page_count(rep.pdf) == 5 and rep.experiment_files == []
@@ -654,3 +654,21 @@ def test_cli_report_on_a_real_crr_run(real_crr: Path) -> None:
     assert page_count(real_crr / "rep" / "spectral_report.pdf") == 6
     logged = sorted(Path(f.path).name for f in client.list_artifacts(run.info.run_id, "report"))
     assert "report.pdf" in logged and "reconstructions.png" in logged and len(logged) == 10
+
+
+def test_mri_volume_uses_volume_max_and_middle_slice() -> None:
+    gen = torch.Generator().manual_seed(11)
+    gt = 0.2 + torch.rand(1, 5, 17, 19, generator=gen)  # min well above 0: range != max
+    pred = gt + 0.05 * torch.randn(1, 5, 17, 19, generator=gen)
+    images = RunImages(gt, pred)
+    chars = signal_characteristics(images, SpectralSettings(), "deprox")
+    vmax = gt.amax()
+    assert chars["psnr_final"] == pytest.approx(float(M.psnr(pred, gt, data_range=vmax)[0]), rel=1e-12)
+    assert chars["ssim_final"] == pytest.approx(float(M.ssim(pred, gt, data_range=vmax)[0]), rel=1e-12)
+    assert chars["psnr_final"] != pytest.approx(float(M.psnr(pred, gt)[0]), rel=1e-3)
+    assert math.isnan(chars["psnr_stage1"])
+    figs = image_figures(images, chars, SpectralSettings(), "deprox", "deq", {})
+    rec = panels(figs["reconstructions"])
+    assert len(rec) == 4  # ground truth and the model's output, over their spectra
+    assert rec[1].get_title().startswith("deq")
+    assert np.allclose(rec[0].images[0].get_array(), gt[0, 2].double().numpy())

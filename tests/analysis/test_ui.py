@@ -152,7 +152,8 @@ def test_ui_serves_the_store_over_rest(server: Server, ui_store: UiStore) -> Non
     # a filter is evaluated by the server, not here
     status, body = http("POST", f"{server.base}/api/2.0/mlflow/runs/search",
                         {"experiment_ids": [ui_store.experiment_id], "filter": "params.`data.image` = 'camera'"})
-    assert {r["info"]["run_id"] for r in body["runs"]} == {k for k, v in ui_store.runs.items() if v["image"] == "camera"}
+    cameras = {k for k, v in ui_store.runs.items() if v["image"] == "camera"}
+    assert {r["info"]["run_id"] for r in body["runs"]} == cameras
 
     with pytest.raises(urllib.error.HTTPError) as err:
         http("GET", f"{server.base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=no-such-sweep")
