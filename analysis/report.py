@@ -695,6 +695,85 @@ def _check_logged(chars: Mapping[str, float], metrics: Mapping[str, Any], source
     return notes
 
 
+def _select_runs(runs: "pd.DataFrame", experiment: str, run_id: str | None) -> "pd.DataFrame":
+    """The runs to report on, with an ``image`` column: ``run_id`` alone, or one per image."""
+    if run_id is not None:
+        chosen = runs[runs["run_id"] == run_id]
+        if chosen.empty:
+            ids = ", ".join(runs["run_id"].head(10))
+            raise ValueError(f"run {run_id!r} is not in experiment {experiment!r}; its runs include: {ids or 'none'}")
+        key = group_key(runs)
+        return chosen.assign(image=[image_label(r, key) for r in chosen.to_dict("records")])
+    if runs.empty:
+        raise ValueError(f"experiment {experiment!r} has no FINISHED run to report on")
+    return representative_runs(runs)
+
+
+def _image_report(client: Any, rec: Mapping[str, Any], directory: Path, png_dpi: int) -> tuple[ImageReport, dict]:
+    """Numbers and figures of one image's run; the figures are saved (PDF, PNG) in ``directory``."""
+    from analysis import figures as F
+
+    rid = str(rec["run_id"])
+    family = _first(rec, ("family", "tag.family"))
+    family = None if family is None else str(family)
+    settings = SpectralSettings.from_params(rec)
+    images, notes = load_run_images(client, rid)
+    if rec.get("status") not in (None, "FINISHED"):
+        notes.append(f"run status is {rec['status']}")
+    chars: dict[str, Any] = {
+        "image": rec["image"], "run_id": rid, "run_name": rec.get("run_name"), "family": family,
+        "seed": rec.get("seed") if _present(rec.get("seed")) else None,
+        "height": int(images.ground_truth.shape[-2]) if images else None,
+        "width": int(images.ground_truth.shape[-1]) if images else None,
+        "source": images.source if images else "not recorded",
+        "hfe_cutoff": settings.hfe_cutoff, "hfe_mode": settings.hfe_mode, "sr_threshold": settings.sr_threshold,
+    }
+    values = signal_characteristics(images, settings, family) if images else {}
+    chars.update({c: values.get(c, math.nan) for c in CHARACTERISTIC_COLUMNS if c not in chars})
+    if images is not None:
+        notes += _check_logged(chars, rec, images.source)
+        if images.stage1 is None and family == "crr":
+            notes.append("stage-1 (DEQ) reconstruction not recorded: stage-1 panels are empty")
+    histories = {k: metric_history(client, rid, k) for k in ("psnr", "loss", "stage")}
+    stage1_psnr = float(rec["stage1/psnr"]) if _present(rec.get("stage1/psnr")) else math.nan
+    figs = image_figures(images, chars, settings, family, model_label(rec), histories, stage1_psnr,
+                         title=rec["image"])
+    rep = ImageReport(rec["image"], rid, directory, chars, notes=notes)
+    for name, fig in figs.items():
+        rep.files += F.save_figure(fig, directory / name, dpi=png_dpi)
+    return rep, figs
+
+
+def _image_section(rep: ImageReport, names: Sequence[str]) -> list[str]:
+    """HTML fragments of one image: heading, notes, its figures (the PNGs already written)."""
+    from analysis import html as H
+
+    parts = [H.heading(f"{rep.image} — run {rep.characteristics['run_name'] or ''} ({rep.run_id})", 2,
+                       anchor=rep.directory.name), H.bullet_list(rep.notes)]
+    return parts + [H.figure(rep.directory / f"{n}.png", caption=n.replace("_", " "), name=n) for n in names]
+
+
+def _write_pdf(path: Path, pages: Sequence["Figure"]) -> int:
+    """A multi-page vector PDF, one figure per page; returns the page count."""
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    with PdfPages(path) as pdf:
+        for fig in pages:
+            pdf.savefig(fig)
+        return pdf.get_pagecount()
+
+
+def _log_files(client: Any, rep: ImageReport) -> None:
+    """Logs an image's files to its run under :data:`ARTIFACT_DIR`; a failure becomes a note."""
+    for path in rep.files:
+        try:
+            client.log_artifact(rep.run_id, str(path), ARTIFACT_DIR)
+        except Exception as err:  # a read-only or unreachable store: the files are still on disk
+            rep.notes.append(f"could not log {path.name} to run {rep.run_id}: {err}")
+            return
+        rep.logged.append(f"{ARTIFACT_DIR}/{path.name}")
+
+
 def spectral_report(
     experiment: str,
     out: str | Path,
@@ -721,7 +800,6 @@ def spectral_report(
         ValueError: unknown experiment or store, a run id not in the experiment,
             or an experiment without FINISHED runs.
     """
-    from matplotlib.backends.backend_pdf import PdfPages
     from mlflow.tracking import MlflowClient
 
     from analysis import figures as F
@@ -731,123 +809,54 @@ def spectral_report(
     uri = resolve_tracking_uri(tracking_uri)
     out = Path(out).absolute()
     runs = load_runs(experiment, tracking_uri=uri, include_unfinished=run_id is not None)
-    if run_id is not None:
-        chosen = runs[runs["run_id"] == run_id]
-        if chosen.empty:
-            ids = ", ".join(runs["run_id"].head(10))
-            raise ValueError(f"run {run_id!r} is not in experiment {experiment!r}; its runs include: {ids or 'none'}")
-        key = group_key(runs)
-        chosen = chosen.assign(image=[image_label(r, key) for r in chosen.to_dict("records")])
-    else:
-        if runs.empty:
-            raise ValueError(f"experiment {experiment!r} has no FINISHED run to report on")
-        chosen = representative_runs(runs)
+    chosen = _select_runs(runs, experiment, run_id)
     client = MlflowClient(tracking_uri=uri)
     out.mkdir(parents=True, exist_ok=True)
 
-    image_reports: list[ImageReport] = []
-    figure_sets: list[dict[str, Figure]] = []
     taken: set[str] = set()
-    for rec in chosen.to_dict("records"):
-        rid, family = str(rec["run_id"]), _first(rec, ("family", "tag.family"))
-        family = None if family is None else str(family)
-        model = model_label(rec)
-        settings = SpectralSettings.from_params(rec)
-        images, notes = load_run_images(client, rid)
-        if rec.get("status") not in (None, "FINISHED"):
-            notes.append(f"run status is {rec['status']}")
-        chars: dict[str, Any] = {
-            "image": rec["image"], "run_id": rid, "run_name": rec.get("run_name"), "family": family,
-            "seed": rec.get("seed") if _present(rec.get("seed")) else None,
-            "height": int(images.ground_truth.shape[-2]) if images else None,
-            "width": int(images.ground_truth.shape[-1]) if images else None,
-            "source": images.source if images else "not recorded",
-            "hfe_cutoff": settings.hfe_cutoff, "hfe_mode": settings.hfe_mode, "sr_threshold": settings.sr_threshold,
-        }
-        values = signal_characteristics(images, settings, family) if images else {}
-        chars.update({c: values.get(c, math.nan) for c in CHARACTERISTIC_COLUMNS if c not in chars})
-        if images is not None:
-            notes += _check_logged(chars, rec, images.source)
-        if images is not None and images.stage1 is None and family == "crr":
-            notes.append("stage-1 (DEQ) reconstruction not recorded: stage-1 panels are empty")
-        histories = {k: metric_history(client, rid, k) for k in ("psnr", "loss", "stage")}
-        stage1_psnr = float(rec["stage1/psnr"]) if _present(rec.get("stage1/psnr")) else math.nan
-        figs = image_figures(images, chars, settings, family, model, histories, stage1_psnr, title=rec["image"])
-        directory = out / _safe_dir(rec["image"], taken)
-        rep = ImageReport(rec["image"], rid, directory, chars, notes=notes)
-        for name, fig in figs.items():
-            rep.files += F.save_figure(fig, directory / name, dpi=png_dpi)
-        image_reports.append(rep)
-        figure_sets.append(figs)
-
-    summary = _summary([r.characteristics for r in image_reports])
+    made = [_image_report(client, rec, out / _safe_dir(rec["image"], taken), png_dpi)
+            for rec in chosen.to_dict("records")]
+    summary = _summary([rep.characteristics for rep, _ in made])
     csv_path = out / CSV_NAME
     summary.to_csv(csv_path, index=False, float_format="%.17g")
     shown = summary[list(SUMMARY_COLUMNS)]
-    settings_note = _settings_note(summary)
+    definitions = _settings_note(summary)
 
-    exp_figs: dict[str, Figure] = {}
-    skipped: list[str] = []
     if run_id is None:
         exp_figs, skipped = experiment_figures(runs, client)
     else:
-        skipped = [f"{n}: not made for a single run (--run)" for n in EXPERIMENT_FIGURES]
-    exp_files: list[Path] = []
-    for name, fig in exp_figs.items():
-        exp_files += F.save_figure(fig, out / name, dpi=png_dpi)
+        exp_figs, skipped = {}, [f"{n}: not made for a single run (--run)" for n in EXPERIMENT_FIGURES]
+    exp_files = [p for name, fig in exp_figs.items() for p in F.save_figure(fig, out / name, dpi=png_dpi)]
 
-    # per-image HTML fragments are rendered once and shared by both HTML pages
-    fragments: list[list[str]] = []
-    for rep, figs in zip(image_reports, figure_sets):
-        parts = [H.heading(f"{rep.image} — run {rep.characteristics['run_name'] or ''} ({rep.run_id})", 2,
-                           anchor=rep.directory.name)]
-        parts.append(H.bullet_list(rep.notes))
-        parts += [H.figure(rep.directory / f"{name}.png", caption=name.replace("_", " "), name=name)
-                  for name in figs]
-        fragments.append(parts)
-
-    # per-image report.pdf / report.html, logged to the run
-    for rep, figs, parts in zip(image_reports, figure_sets, fragments):
+    sections = []
+    for rep, figs in made:  # each image alone: report.pdf and report.html, logged to its run
+        sections.append(_image_section(rep, list(figs)))
         row = _summary([rep.characteristics])[list(SUMMARY_COLUMNS)]
-        pdf_path = rep.directory / "report.pdf"
-        with PdfPages(pdf_path) as pdf:
-            pdf.savefig(F.table_figure(row, f"{experiment}: {rep.image}", notes=[settings_note, *rep.notes]))
-            for fig in figs.values():
-                pdf.savefig(fig)
-            rep.pdf_pages = pdf.get_pagecount()
+        table_page = F.table_figure(row, f"{experiment}: {rep.image}", notes=[definitions, *rep.notes])
+        rep.pdf_pages = _write_pdf(rep.directory / "report.pdf", [table_page, *figs.values()])
         html_path = H.write(rep.directory / "report.html", f"Spectral report: {experiment} / {rep.image}",
-                            [H.table(row, table_id="summary"), H.paragraph(settings_note, "note"), *parts])
-        rep.files += [pdf_path, html_path]
+                            [H.table(row, table_id="summary"), H.paragraph(definitions, "note"), *sections[-1]])
+        rep.files += [rep.directory / "report.pdf", html_path]
         if log_artifacts:
-            for path in rep.files:
-                try:
-                    client.log_artifact(rep.run_id, str(path), ARTIFACT_DIR)
-                    rep.logged.append(f"{ARTIFACT_DIR}/{path.name}")
-                except Exception as err:  # a read-only or remote store: the files are still on disk
-                    rep.notes.append(f"could not log {path.name} to run {rep.run_id}: {err}")
-                    break
+            _log_files(client, rep)
 
+    title = f"Spectral report: {experiment}"
+    table_page = F.table_figure(shown, f"{title} — signal characteristics",
+                                notes=[definitions, *(f"skipped {s}" for s in skipped)])
+    pages = [table_page, *(fig for _, figs in made for fig in figs.values()), *exp_figs.values()]
     pdf_path = out / PDF_NAME
-    with PdfPages(pdf_path) as pdf:
-        pdf.savefig(F.table_figure(shown, f"Spectral report: {experiment} — signal characteristics",
-                                   notes=[settings_note, *(f"skipped {s}" for s in skipped)]))
-        for figs in figure_sets:
-            for fig in figs.values():
-                pdf.savefig(fig)
-        for fig in exp_figs.values():
-            pdf.savefig(fig)
-        pages = pdf.get_pagecount()
+    n_pages = _write_pdf(pdf_path, pages)
 
     parts = [H.heading("Signal characteristics", 2), H.table(shown, table_id="summary"),
-             H.paragraph(settings_note + f" Full precision: {CSV_NAME}.", "note")]
-    parts += [p for frag in fragments for p in frag]
+             H.paragraph(f"{definitions} Full precision: {CSV_NAME}.", "note")]
+    parts += [p for section in sections for p in section]
     if exp_figs or skipped:
         parts.append(H.heading("Across runs", 2))
-        parts += [H.figure(out / f"{name}.png", caption=name.replace("_", " "), name=name) for name in exp_figs]
+        parts += [H.figure(out / f"{n}.png", caption=n.replace("_", " "), name=n) for n in exp_figs]
         if skipped:
             parts += [H.paragraph("Not made:", "note"), H.bullet_list(skipped)]
-    html_path = H.write(out / HTML_NAME, f"Spectral report: {experiment}", parts)
-    return SpectralReport(out, html_path, pdf_path, csv_path, image_reports, exp_files, skipped, pages)
+    html_path = H.write(out / HTML_NAME, title, parts)
+    return SpectralReport(out, html_path, pdf_path, csv_path, [rep for rep, _ in made], exp_files, skipped, n_pages)
 
 
 def report_command(
