@@ -1,25 +1,30 @@
 """Spectral reports: ``deqbench report spectral --experiment NAME [--run RUN_ID] --out DIR``.
 
-For each image (MRI volume) of an experiment — runs grouped by ``data.image``
-(:data:`GROUP_KEYS`), the seed-0 run (else the first FINISHED one) standing
-for its group, or the single run given by ``run_id`` — the report shows:
+For each image of an experiment — DEQ-INR and CRR runs grouped by
+``data.image``, DE-Prox runs by ``deprox.kind`` (and ``mri.acceleration``,
+``mri.challenge``, ``mri.root`` where they vary; see :func:`image_labels`), the
+seed-0 run (else the first FINISHED one) standing for its group — or for the
+single run given by ``run_id``, the report shows:
 
-- ground truth, the DEQ (stage 1) and the final (DEQ+CRR, or the model's own)
-  reconstruction side by side, over their centred log-magnitude spectra with
-  the high-frequency energy (HFE) of each;
-- residual maps ``|gt - pred|`` and significant-residual maps with their share (SR);
-- radially averaged power spectra of ground truth, reconstructions and residuals;
+- the ground truth and the outputs side by side — zero-filled ``A^H y``
+  (DE-Prox), the DEQ of stage 1 (CRR), the final output (DEQ+CRR, or the
+  model's own) — over their centred log-magnitude spectra with the
+  high-frequency energy (HFE) of each;
+- residual maps ``|gt - output|`` and significant-residual maps with their share (SR);
+- radially averaged power spectra of ground truth, outputs and residuals;
 - PSNR and loss against the epoch (MLflow metric history), the epoch where
   ``stage`` changes from 1 to 2 marked;
-- the signal characteristics (PSNR, SSIM, HFE, SR per stage), one row per image.
+- the signal characteristics (PSNR, SSIM, HFE, SR per output), one row per image.
 
 Every number is computed with :mod:`suite.metrics` on the run's ``images.pt``
-artifact (``ground_truth``, ``reconstruction`` and, for CRR, ``stage1``:
-tensors ``(1, C, H, W)``), with the run's own metric settings (params
+artifact (``ground_truth``, ``reconstruction`` and, when recorded, ``stage1``
+(CRR) and ``zero_filled`` (DE-Prox): tensors ``(1, C, H, W)``, ``C`` the slices
+of an MRI volume), with the run's own metric settings (params
 ``eval.hfe_cutoff``, ``eval.hfe_mode``, ``eval.sr_threshold``; the metric
 defaults when absent), so it equals what the metric module gives on those
-images. A run without ``images.pt`` falls back to its 8-bit PNGs (noted); a
-missing stage-1 image shows as "not recorded".
+images. PSNR/SSIM use the ground truth's range for images and the volume's
+maximum for DE-Prox (fastMRI). A run without ``images.pt`` falls back to its
+8-bit PNGs (noted); a missing stage-1 image shows as "not recorded".
 
 Without ``run_id`` three sweep-wide figures are added when their data exist
 (otherwise listed as skipped): noise robustness (metrics
@@ -64,14 +69,20 @@ if TYPE_CHECKING:  # pragma: no cover
 
 REPORT_KINDS = ("spectral",)
 GROUP_KEYS = ("data.image", "data.volume", "data.file", "data.path")
-"""Params that name what a run reconstructs, first present wins."""
-MODEL_KEYS = ("model.kind", "model.name", "family", "tag.family")
+"""Params that name the image a DEQ-INR/CRR run fits; the first present wins."""
+FAMILY_GROUP_KEYS = {"deprox": ("deprox.kind", "mri.acceleration", "mri.challenge", "mri.root")}
+"""Families whose runs are grouped by several params (the first is the label,
+the others are added as ``name=value`` where they vary across the experiment)."""
+MODEL_KEYS = ("deprox.kind", "model.kind", "model.name", "family", "tag.family")
 """Params (and tag) that name a run's model, first non-empty wins."""
 SOLVER_KEYS = ("deq.solver", "model.solver")
 UNROLL_K_KEYS = ("model.unroll_k", "model.n_iter", "model.k", "unroll.k", "deprox.n_iter", "deprox.unroll_k")
 """Params holding an unrolled network's number of iterations K, first present wins."""
 FINAL_LABELS = {"crr": "DEQ+CRR", "deq_inr": "DEQ"}
 STAGE1_LABEL = "DEQ (stage 1)"
+ZERO_FILLED_LABEL = "Zero-filled"
+OUTPUTS = ("zero_filled", "stage1", "final")
+"""Outputs compared, in column order: the ``A^H y`` baseline (DE-Prox), the frozen DEQ (CRR), the run's output."""
 GT_LABEL = "Ground truth"
 
 IMAGE_FIGURES = ("reconstructions", "residuals", "radial_spectra", "training_curves")
@@ -82,20 +93,23 @@ HTML_NAME = "spectral_report.html"
 PDF_NAME = "spectral_report.pdf"
 ARTIFACT_DIR = "report"
 
+_QUANTITIES = ("psnr", "ssim", "hfe", "hfe_residual", "sr")
 CHARACTERISTIC_COLUMNS = (
-    "image", "run_id", "run_name", "family", "seed", "height", "width", "source",
-    "hfe_cutoff", "hfe_mode", "sr_threshold",
-    "hfe_gt", "psnr_stage1", "psnr_final", "gain_db", "ssim_stage1", "ssim_final",
-    "hfe_stage1", "hfe_final", "hfe_residual_stage1", "hfe_residual_final", "sr_stage1", "sr_final",
+    "image", "run_id", "run_name", "family", "seed", "volume", "slices", "height", "width", "source",
+    "hfe_cutoff", "hfe_mode", "sr_threshold", "hfe_gt", "gain_db",
+    *(f"{q}_{o}" for q in _QUANTITIES for o in OUTPUTS),
 )
-"""Columns of ``signal_characteristics.csv``. ``*_stage1``: the frozen DEQ (CRR);
-``*_final``: the run's output; ``hfe_residual_*``: HFE of ``gt - pred``; PSNR in dB,
-HFE and SR in %; NaN where not recorded."""
+"""Columns of ``signal_characteristics.csv``. ``*_zero_filled``: ``A^H y`` (DE-Prox);
+``*_stage1``: the frozen DEQ (CRR); ``*_final``: the run's output; ``hfe_residual_*``:
+HFE of ``gt - output``; ``gain_db = psnr_final - psnr_stage1``. PSNR in dB, HFE and
+SR in %; NaN where not recorded. ``volume``: the MRI volume's file (DE-Prox)."""
 SUMMARY_COLUMNS = (
-    "image", "family", "run_name", "psnr_stage1", "psnr_final", "gain_db", "hfe_gt", "hfe_stage1",
-    "hfe_final", "hfe_residual_stage1", "hfe_residual_final", "sr_stage1", "sr_final",
+    "image", "family", "run_name",
+    "psnr_zero_filled", "psnr_stage1", "psnr_final", "gain_db", "hfe_gt", "hfe_zero_filled", "hfe_stage1",
+    "hfe_final", "hfe_residual_stage1", "hfe_residual_final", "sr_zero_filled", "sr_stage1", "sr_final",
 )
-"""The columns shown in the HTML/PDF summary table."""
+"""The columns shown in the HTML/PDF summary tables, less those empty for every row."""
+_ID_COLUMNS = ("image", "family", "run_name")
 
 _NOISE_RE = re.compile(r"^noise/(?P<sigma>[^/]+)/(?P<metric>psnr|ssim)$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -148,12 +162,20 @@ class RunImages:
         final: the run's output (``images.pt["reconstruction"]``).
         stage1: the frozen DEQ's output for CRR (``images.pt["stage1"]``), or None.
         source: ``"images.pt"`` or ``"8-bit PNG"``.
+        zero_filled: the ``A^H y`` baseline for DE-Prox (``images.pt["zero_filled"]``), or None.
+        volume: the MRI volume these slices come from (``images.pt["volume"]``), or None.
     """
 
     ground_truth: torch.Tensor
     final: torch.Tensor
     stage1: torch.Tensor | None = None
     source: str = "images.pt"
+    zero_filled: torch.Tensor | None = None
+    volume: str | None = None
+
+    def output(self, name: str) -> torch.Tensor | None:
+        """One of :data:`OUTPUTS` by name."""
+        return {"zero_filled": self.zero_filled, "stage1": self.stage1, "final": self.final}[name]
 
 
 def _as_4d(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -173,7 +195,8 @@ def images_from_dict(data: Mapping[str, Any], source: str = "images.pt") -> RunI
     """:class:`RunImages` from the ``images.pt`` dictionary.
 
     Args:
-        data: ``{"ground_truth", "reconstruction"[, "stage1"]}`` tensors ``(1, C, H, W)``.
+        data: ``{"ground_truth", "reconstruction"[, "stage1"][, "zero_filled"]}`` tensors
+            ``(1, C, H, W)`` (``C`` slices of a volume), optionally ``"volume"`` (a name).
         source: where they came from (shown in the report).
 
     Raises:
@@ -185,10 +208,12 @@ def images_from_dict(data: Mapping[str, Any], source: str = "images.pt") -> RunI
     gt = _as_4d(data["ground_truth"], "ground_truth")
     final = _as_4d(data["reconstruction"], "reconstruction")
     stage1 = _as_4d(data["stage1"], "stage1") if data.get("stage1") is not None else None
-    for name, x in (("reconstruction", final), ("stage1", stage1)):
+    zf = _as_4d(data["zero_filled"], "zero_filled") if data.get("zero_filled") is not None else None
+    for name, x in (("reconstruction", final), ("stage1", stage1), ("zero_filled", zf)):
         if x is not None and x.shape != gt.shape:
             raise ValueError(f"images.pt[{name!r}] has shape {tuple(x.shape)}, ground truth {tuple(gt.shape)}")
-    return RunImages(gt, final, stage1, source)
+    volume = data.get("volume")
+    return RunImages(gt, final, stage1, source, zf, None if volume is None else str(volume))
 
 
 def _read_png(path: Path) -> torch.Tensor:
@@ -277,7 +302,7 @@ def signal_characteristics(
         family: the run's family.
 
     Returns:
-        Keys ``hfe_gt`` and, for ``stage1`` and ``final``: ``psnr_*``, ``ssim_*``,
+        Keys ``hfe_gt`` and, for each of :data:`OUTPUTS`: ``psnr_*``, ``ssim_*``,
         ``hfe_*``, ``hfe_residual_*``, ``sr_*`` (NaN where the output is missing),
         and ``gain_db = psnr_final - psnr_stage1``.
     """
@@ -285,9 +310,10 @@ def signal_characteristics(
     hfe_kw = {"cutoff": settings.hfe_cutoff, "mode": settings.hfe_mode}
     out = {"hfe_gt": float(M.hfe(gt, **hfe_kw)[0])}
     rng = _data_range(family, gt)
-    for name, pred in (("stage1", images.stage1), ("final", images.final)):
+    for name in OUTPUTS:
+        pred = images.output(name)
         if pred is None:
-            for k in ("psnr", "ssim", "hfe", "hfe_residual", "sr"):
+            for k in _QUANTITIES:
                 out[f"{k}_{name}"] = math.nan
             continue
         out[f"psnr_{name}"] = float(M.psnr(pred, gt, data_range=rng)[0])
@@ -324,11 +350,6 @@ def stage_boundaries(stage: Sequence[tuple[int, float]]) -> list[int]:
 # --------------------------------------------------------------------- run selection
 
 
-def group_key(runs: "pd.DataFrame") -> str | None:
-    """The first of :data:`GROUP_KEYS` that is a column of ``runs``."""
-    return next((k for k in GROUP_KEYS if k in runs.columns), None)
-
-
 def _present(value: Any) -> bool:
     """False for None, NaN, NaT and pd.NA (what a missing param or metric reads as)."""
     import pandas as pd
@@ -343,10 +364,57 @@ def _first(row: Mapping[str, Any], keys: Sequence[str]) -> Any:
     return next((row[k] for k in keys if k in row and _present(row[k]) and str(row[k]) != ""), None)
 
 
-def image_label(row: Mapping[str, Any], key: str | None) -> str:
-    """What a run reconstructs: its group param's value, else ``run-<id prefix>``."""
-    value = row.get(key) if key else None
-    return str(value) if _present(value) else f"run-{str(row['run_id'])[:8]}"
+def family_of(row: Mapping[str, Any]) -> str | None:
+    """A run's family (param ``family``, else tag ``family``)."""
+    value = _first(row, ("family", "tag.family"))
+    return None if value is None else str(value)
+
+
+def group_keys(family: str | None, columns: Sequence[str]) -> tuple[str, ...]:
+    """The params that say what a run of ``family`` reconstructs (see :data:`FAMILY_GROUP_KEYS`).
+
+    Args:
+        family: the run's family.
+        columns: the columns of the runs table.
+
+    Returns:
+        The family's keys present in ``columns``, or else the first of
+        :data:`GROUP_KEYS` present; empty when none is.
+    """
+    keys = tuple(k for k in FAMILY_GROUP_KEYS.get(family or "", ()) if k in columns)
+    return keys or tuple(k for k in GROUP_KEYS if k in columns)[:1]
+
+
+def image_labels(runs: "pd.DataFrame") -> list[str]:
+    """What each run reconstructs, as a label; runs with one label form one group.
+
+    DEQ-INR and CRR: the image (``data.image``, e.g. ``camera``). DE-Prox: the
+    model kind, then ``acceleration=…`` etc. where those vary across the
+    experiment's DE-Prox runs (e.g. ``deq, acceleration=4``). A run without the
+    params is ``run-<id prefix>``. When the experiment mixes families the family
+    is appended, e.g. ``camera (deq_inr)``.
+
+    Args:
+        runs: wide table of :func:`analysis.runs.load_runs`.
+
+    Returns:
+        One label per row.
+    """
+    records = runs.to_dict("records")
+    families = [family_of(r) for r in records]
+    labels = []
+    for rec, fam in zip(records, families):
+        keys = group_keys(fam, list(runs.columns))
+        if not keys or not _present(rec.get(keys[0])):
+            labels.append(f"run-{str(rec['run_id'])[:8]}")
+            continue
+        same = [r for r, f in zip(records, families) if f == fam]
+        varying = [k for k in keys[1:] if len({str(r.get(k)) for r in same}) > 1]
+        extra = "".join(f", {k.rsplit('.', 1)[-1]}={rec.get(k)}" for k in varying)
+        labels.append(f"{rec[keys[0]]}{extra}")
+    if len(set(families)) > 1:
+        labels = [f"{lab} ({fam})" for lab, fam in zip(labels, families)]
+    return labels
 
 
 def model_label(row: Mapping[str, Any]) -> str:
@@ -356,17 +424,15 @@ def model_label(row: Mapping[str, Any]) -> str:
 
 
 def representative_runs(runs: "pd.DataFrame") -> "pd.DataFrame":
-    """One run per image: seed 0 when there is one, else the first (oldest) run.
+    """One run per image (label of :func:`image_labels`): seed 0 when there is one, else the first run.
 
     Args:
         runs: wide table of :func:`analysis.runs.load_runs` (FINISHED runs), ordered by start time.
 
     Returns:
-        The chosen rows, ordered by image label, with an added ``image`` column.
+        The chosen rows, ordered by label, with an added ``image`` column.
     """
-    key = group_key(runs)
-    df = runs.copy()
-    df["image"] = [image_label(r, key) for r in df.to_dict("records")]
+    df = runs.assign(image=image_labels(runs))
     chosen = []
     for _, part in df.groupby("image", sort=True):
         if "seed" in part.columns:
@@ -517,19 +583,25 @@ def _plane(x: torch.Tensor | None) -> np.ndarray | None:
     return x[0, x.shape[1] // 2].to(torch.float64).numpy()
 
 
-def output_columns(images: RunImages | None, family: str | None, model: str) -> list[tuple[str, torch.Tensor | None]]:
-    """The reconstructions to compare, ``(label, (1, C, H, W) or None)``, ground truth excluded.
+def output_columns(
+    images: RunImages | None, family: str | None, model: str
+) -> list[tuple[str, str, torch.Tensor | None]]:
+    """The outputs to compare, ``(key, label, (1, C, H, W) or None)``, ground truth excluded.
 
-    CRR (or any run with a stage-1 image) shows ``DEQ (stage 1)`` then ``DEQ+CRR``;
-    a DEQ-INR run ``DEQ``; another family its model label.
+    In order: ``Zero-filled`` when ``images.pt`` has the ``A^H y`` baseline and the
+    model is not that baseline itself (DE-Prox); ``DEQ (stage 1)`` for CRR (or any
+    run with a stage-1 image), kept as "not recorded" when missing; the run's
+    output, labelled ``DEQ+CRR`` (CRR), ``DEQ`` (DEQ-INR) or its model label.
+    ``key`` is one of :data:`OUTPUTS`.
     """
     final_label = FINAL_LABELS.get(family or "", model)
+    cols: list[tuple[str, str, torch.Tensor | None]] = []
+    if images is not None and images.zero_filled is not None and not _is_baseline(model):
+        cols.append(("zero_filled", ZERO_FILLED_LABEL, images.zero_filled))
     stage1 = images.stage1 if images is not None else None
-    final = images.final if images is not None else None
-    cols: list[tuple[str, torch.Tensor | None]] = []
     if family == "crr" or stage1 is not None:
-        cols.append((STAGE1_LABEL, stage1))
-    cols.append((final_label, final))
+        cols.append(("stage1", STAGE1_LABEL, stage1))
+    cols.append(("final", final_label, images.final if images is not None else None))
     return cols
 
 
@@ -561,7 +633,6 @@ def image_figures(
     from analysis import figures as F
 
     cols = output_columns(images, family, model)
-    suffixes = {STAGE1_LABEL: "stage1"}
     gt = images.ground_truth if images is not None else None
     panels = [F.ImagePanel(GT_LABEL, _plane(gt), chars.get("hfe_gt", math.nan))]
     residuals, curves = [], {}
@@ -569,8 +640,7 @@ def image_figures(
         h, w = gt.shape[-2:]
         freq = M.radial_frequencies(h, w).numpy()
         curves[GT_LABEL] = (freq, M.radial_power_spectrum(gt)[0].numpy())
-    for label, pred in cols:
-        key = suffixes.get(label, "final")
+    for key, label, pred in cols:
         panels.append(F.ImagePanel(label, _plane(pred), chars.get(f"hfe_{key}", math.nan),
                                    chars.get(f"psnr_{key}", math.nan)))
         if pred is None or gt is None:
@@ -581,7 +651,7 @@ def image_figures(
         residuals.append(F.ResidualPanel(label, _plane(resid), _plane(mask.to(torch.float64)) > 0.5,
                                          chars.get(f"sr_{key}", math.nan)))
         curves[label] = (freq, M.radial_power_spectrum(pred)[0].numpy())
-    for label, pred in cols:
+    for _, label, pred in cols:
         if pred is not None and gt is not None:
             curves[f"residual {label}"] = (freq, M.radial_power_spectrum(gt - pred)[0].numpy())
     psnr_hist = list(histories.get("psnr", ()))
@@ -669,10 +739,15 @@ def _safe_dir(label: str, taken: set[str]) -> str:
 
 
 def _summary(chars: Sequence[Mapping[str, Any]]) -> "pd.DataFrame":
+    """The signal-characteristics table, one row per image, :data:`CHARACTERISTIC_COLUMNS`."""
     import pandas as pd
 
-    df = pd.DataFrame(list(chars), columns=list(CHARACTERISTIC_COLUMNS))
-    return df
+    return pd.DataFrame(list(chars), columns=list(CHARACTERISTIC_COLUMNS))
+
+
+def shown_columns(summary: "pd.DataFrame") -> list[str]:
+    """:data:`SUMMARY_COLUMNS` less the value columns that are empty in every row."""
+    return [c for c in SUMMARY_COLUMNS if c in _ID_COLUMNS or summary[c].notna().any()]
 
 
 def _settings_note(df: "pd.DataFrame") -> str:
@@ -698,24 +773,25 @@ def _check_logged(chars: Mapping[str, float], metrics: Mapping[str, Any], source
 def _select_runs(runs: "pd.DataFrame", experiment: str, run_id: str | None) -> "pd.DataFrame":
     """The runs to report on, with an ``image`` column: ``run_id`` alone, or one per image."""
     if run_id is not None:
-        chosen = runs[runs["run_id"] == run_id]
+        labelled = runs.assign(image=image_labels(runs))
+        chosen = labelled[labelled["run_id"] == run_id].reset_index(drop=True)
         if chosen.empty:
             ids = ", ".join(runs["run_id"].head(10))
             raise ValueError(f"run {run_id!r} is not in experiment {experiment!r}; its runs include: {ids or 'none'}")
-        key = group_key(runs)
-        return chosen.assign(image=[image_label(r, key) for r in chosen.to_dict("records")])
+        return chosen
     if runs.empty:
         raise ValueError(f"experiment {experiment!r} has no FINISHED run to report on")
     return representative_runs(runs)
 
 
-def _image_report(client: Any, rec: Mapping[str, Any], directory: Path, png_dpi: int) -> tuple[ImageReport, dict]:
+def _image_report(
+    client: Any, rec: Mapping[str, Any], directory: Path, png_dpi: int
+) -> tuple[ImageReport, dict[str, "Figure"]]:
     """Numbers and figures of one image's run; the figures are saved (PDF, PNG) in ``directory``."""
     from analysis import figures as F
 
     rid = str(rec["run_id"])
-    family = _first(rec, ("family", "tag.family"))
-    family = None if family is None else str(family)
+    family = family_of(rec)
     settings = SpectralSettings.from_params(rec)
     images, notes = load_run_images(client, rid)
     if rec.get("status") not in (None, "FINISHED"):
@@ -723,6 +799,8 @@ def _image_report(client: Any, rec: Mapping[str, Any], directory: Path, png_dpi:
     chars: dict[str, Any] = {
         "image": rec["image"], "run_id": rid, "run_name": rec.get("run_name"), "family": family,
         "seed": rec.get("seed") if _present(rec.get("seed")) else None,
+        "volume": images.volume if images else None,
+        "slices": int(images.ground_truth.shape[1]) if images else None,
         "height": int(images.ground_truth.shape[-2]) if images else None,
         "width": int(images.ground_truth.shape[-1]) if images else None,
         "source": images.source if images else "not recorded",
@@ -730,8 +808,12 @@ def _image_report(client: Any, rec: Mapping[str, Any], directory: Path, png_dpi:
     }
     values = signal_characteristics(images, settings, family) if images else {}
     chars.update({c: values.get(c, math.nan) for c in CHARACTERISTIC_COLUMNS if c not in chars})
-    if images is not None:
+    if images is not None and images.volume is not None:
+        notes.append(f"values are for validation volume {images.volume} (the middle slice is shown); "
+                     "the run's logged metrics average all its validation volumes")
+    elif images is not None:
         notes += _check_logged(chars, rec, images.source)
+    if images is not None:
         if images.stage1 is None and family == "crr":
             notes.append("stage-1 (DEQ) reconstruction not recorded: stage-1 panels are empty")
     histories = {k: metric_history(client, rid, k) for k in ("psnr", "loss", "stage")}
@@ -819,7 +901,7 @@ def spectral_report(
     summary = _summary([rep.characteristics for rep, _ in made])
     csv_path = out / CSV_NAME
     summary.to_csv(csv_path, index=False, float_format="%.17g")
-    shown = summary[list(SUMMARY_COLUMNS)]
+    shown = summary[shown_columns(summary)]
     definitions = _settings_note(summary)
 
     if run_id is None:
@@ -831,7 +913,8 @@ def spectral_report(
     sections = []
     for rep, figs in made:  # each image alone: report.pdf and report.html, logged to its run
         sections.append(_image_section(rep, list(figs)))
-        row = _summary([rep.characteristics])[list(SUMMARY_COLUMNS)]
+        row = _summary([rep.characteristics])
+        row = row[shown_columns(row)]
         table_page = F.table_figure(row, f"{experiment}: {rep.image}", notes=[definitions, *rep.notes])
         rep.pdf_pages = _write_pdf(rep.directory / "report.pdf", [table_page, *figs.values()])
         html_path = H.write(rep.directory / "report.html", f"Spectral report: {experiment} / {rep.image}",

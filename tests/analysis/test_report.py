@@ -23,6 +23,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -31,6 +32,9 @@ from analysis.report import (
     CHARACTERISTIC_COLUMNS,
     IMAGE_FIGURES,
     RunImages,
+    image_labels,
+    output_columns,
+    representative_runs,
     SUMMARY_COLUMNS,
     SpectralSettings,
     experiment_figures,
@@ -258,11 +262,10 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Synth:
     specs += [("unrolled", "anderson", k, s) for k in (2, 4, 8) for s in range(2)] + [("zero_filled", None, None, 0)]
     deprox = []
     for i, (kind, solver, k, seed) in enumerate(specs):
-        params = {"family": "deprox", "model.kind": kind, "seed": str(seed), "data.image": "knee"}
-        if solver:
-            params["deq.solver"] = solver
-        if k:
-            params["model.unroll_k"] = str(k)
+        # as the real flattened config: every run has deprox.unroll_k (5 unless unrolled) and deq.solver,
+        # and a meaningless data.image default
+        params = {"family": "deprox", "deprox.kind": kind, "seed": str(seed), "data.image": "camera",
+                  "mri.acceleration": "4", "deprox.unroll_k": str(k or 5), "deq.solver": solver or "anderson"}
         noise = {}
         for sigma in ("0.0", "0.01", "0.05"):
             base = {"deq": 33.0, "unrolled": 31.0, "zero_filled": 24.0}[kind] - 100 * float(sigma)
@@ -282,9 +285,17 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Synth:
                     metrics.append(Metric("solver/bwd_nstep", b, now + step, step))
         run = client.create_run(exp, start_time=now + i, run_name=f"{kind}-{solver}-{k}-{seed}")
         client.log_batch(run.info.run_id, metrics=metrics, params=[Param(a, b) for a, b in params.items()])
+        entry = {"run_id": run.info.run_id, "kind": kind, "solver": solver, "k": k, "noise": noise,
+                 "mem": mem, "fwd": fwd, "bwd": bwd, "seed": seed}
+        if i == 0:  # one validation volume, as the DE-Prox trainer writes it: (1, S, H, W) raw magnitudes
+            gen = torch.Generator().manual_seed(5)
+            gt = 3.0 + 10.0 * torch.rand(1, 4, 15, 17, generator=gen)
+            entry.update(gt=gt, final=gt + 0.4 * torch.randn(1, 4, 15, 17, generator=gen),
+                         zero_filled=gt + 1.5 * torch.randn(1, 4, 15, 17, generator=gen))
+            _log_images(client, run.info.run_id, tmp, {"reconstruction": entry["final"], "ground_truth": gt,
+                                                       "zero_filled": entry["zero_filled"], "volume": "file1.h5"})
         client.set_terminated(run.info.run_id, "FINISHED")
-        deprox.append({"run_id": run.info.run_id, "kind": kind, "solver": solver, "k": k, "noise": noise,
-                       "mem": mem, "fwd": fwd, "bwd": bwd})
+        deprox.append(entry)
     out.runs["deprox"] = {"runs": deprox}
     return out
 
@@ -310,6 +321,13 @@ def expected_characteristics(info: dict) -> dict[str, float]:
     return out
 
 
+def assert_same(got: str, want: float) -> None:
+    if math.isnan(want):
+        assert got == ""
+    else:
+        assert float(got) == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
 # ----------------------------------------------------------------------------- the CRR report
 
 
@@ -324,6 +342,8 @@ def test_csv_values_equal_metric_module_on_the_images(synth: Synth, crr_report) 
         assert row["hfe_mode"] == info["settings"].hfe_mode
         for col, want in expected_characteristics(info).items():
             assert float(row[col]) == pytest.approx(want, rel=1e-12, abs=1e-12), (key, col)
+        for q in ("psnr", "ssim", "hfe", "hfe_residual", "sr"):  # no A^H y baseline in a CRR run
+            assert row[f"{q}_zero_filled"] == ""
         h, w = info["gt"].shape[-2:]
         assert (int(row["height"]), int(row["width"])) == (h, w)
         assert row["source"] == "images.pt"
@@ -338,13 +358,14 @@ def test_seed0_is_the_representative(synth: Synth, crr_report) -> None:
 def test_html_summary_table_matches_csv_and_is_self_contained(crr_report) -> None:
     parsed = parse_html(crr_report.html)
     summary = parsed.tables["summary"]
-    assert summary["header"] == list(SUMMARY_COLUMNS)
+    # the zero-filled columns are empty for CRR and left out of the display
+    assert summary["header"] == [c for c in SUMMARY_COLUMNS if "zero_filled" not in c]
     csv_rows = {r["image"]: r for r in read_csv(crr_report.csv)}
     assert len(summary["rows"]) == 2
     for row in summary["rows"]:
         cells = dict(zip(summary["header"], row))
         want = csv_rows[cells["image"][0]]
-        for col in SUMMARY_COLUMNS:
+        for col in summary["header"]:
             text, value = cells[col]
             if value is None:
                 assert text == want[col]
@@ -596,6 +617,62 @@ def test_experiment_figures_made_or_skipped(synth: Synth) -> None:
     assert sorted(figs) == ["memory_vs_k", "noise_robustness", "solver_iterations"] and skipped == []
     figs, skipped = experiment_figures(load_runs(DEGRADED_EXP, tracking_uri=synth.uri), client)
     assert figs == {} and len(skipped) == 3
+
+
+# ----------------------------------------------------------------------------- DE-Prox and grouping
+
+
+def test_deprox_groups_by_kind_and_reports_the_volume(synth: Synth, tmp_path: Path) -> None:
+    logged = synth.runs["deprox"]["runs"]
+    runs = load_runs(DEPROX_EXP, tracking_uri=synth.uri)
+    reps = representative_runs(runs)
+    # data.image is a meaningless default for DE-Prox; the kind groups (acceleration is constant here)
+    assert sorted(reps["image"]) == ["deq", "unrolled", "zero_filled"]
+    first = {kind: next(r["run_id"] for r in logged if r["kind"] == kind and r["seed"] == 0)
+             for kind in ("deq", "unrolled", "zero_filled")}
+    assert dict(zip(reps["image"], reps["run_id"])) == first
+
+    info = logged[0]
+    rep = spectral_report(DEPROX_EXP, tmp_path, run_id=info["run_id"], tracking_uri=synth.uri,
+                          log_artifacts=False, png_dpi=72)
+    (row,) = read_csv(rep.csv)
+    assert row["image"] == "deq" and row["volume"] == "file1.h5" and row["slices"] == "4"
+    gt, vmax = info["gt"], info["gt"].amax()  # fastMRI: the volume's maximum is the data range
+    for name in ("zero_filled", "final"):
+        pred = info[name]
+        assert_same(row[f"psnr_{name}"], float(M.psnr(pred, gt, data_range=vmax)[0]))
+        assert_same(row[f"ssim_{name}"], float(M.ssim(pred, gt, data_range=vmax)[0]))
+        assert_same(row[f"hfe_{name}"], float(M.hfe(pred)[0]))
+        assert_same(row[f"sr_{name}"], float(M.significant_residuals(pred, gt)[0]))
+    assert_same(row["psnr_stage1"], math.nan)
+    assert any("validation volume file1.h5" in n for n in rep.images[0].notes)
+    header = parse_html(rep.html).tables["summary"]["header"]
+    assert "psnr_zero_filled" in header and "psnr_stage1" not in header
+    assert page_count(rep.images[0].directory / "report.pdf") == 5
+
+
+def test_image_labels_and_output_columns() -> None:
+    rows = [
+        {"run_id": "a1", "family": "deprox", "deprox.kind": "deq", "mri.acceleration": 4, "data.image": "camera"},
+        {"run_id": "a2", "family": "deprox", "deprox.kind": "deq", "mri.acceleration": 8, "data.image": "camera"},
+        {"run_id": "a3", "family": "deprox", "deprox.kind": "zero_filled", "mri.acceleration": 8,
+         "data.image": "camera"},
+    ]
+    assert image_labels(pd.DataFrame(rows)) == ["deq, acceleration=4", "deq, acceleration=8",
+                                                "zero_filled, acceleration=8"]
+    mixed = pd.DataFrame(rows[:1] + [{"run_id": "b1", "family": "crr", "data.image": "camera"},
+                                     {"run_id": "c1", "family": "crr", "data.image": None}])
+    assert image_labels(mixed) == ["deq (deprox)", "camera (crr)", "run-c1 (crr)"]
+
+    x = torch.zeros(1, 2, 9, 9)
+    images = RunImages(x, x + 1, zero_filled=x + 2)
+    assert [c[:2] for c in output_columns(images, "deprox", "deq")] == [("zero_filled", "Zero-filled"),
+                                                                        ("final", "deq")]
+    assert [c[:2] for c in output_columns(images, "deprox", "zero_filled")] == [("final", "zero_filled")]
+    assert [c[:2] for c in output_columns(RunImages(x, x), "crr", "crr")] == [("stage1", "DEQ (stage 1)"),
+                                                                             ("final", "DEQ+CRR")]
+    assert output_columns(RunImages(x, x), "crr", "crr")[0][2] is None
+    assert [c[:2] for c in output_columns(None, "deq_inr", "deq_inr")] == [("final", "DEQ")]
 
 
 # ----------------------------------------------------------------------------- the real pipeline
