@@ -127,7 +127,10 @@ def _image_axes(ax: "Axes") -> None:
 
 
 def log_magnitude_spectrum(image: np.ndarray) -> np.ndarray:
-    """Centred log-magnitude spectrum ``log10(1 + |F|)``, DC at ``(H // 2, W // 2)``.
+    """Centred log-magnitude spectrum ``log10 |F|``, DC at ``(H // 2, W // 2)``.
+
+    Scale-free (raw MRI units and [0, 1] images look alike); magnitudes below
+    ``1e-12`` of the largest are floored there (no ``-inf``).
 
     Args:
         image: real ``(H, W)`` array.
@@ -135,15 +138,17 @@ def log_magnitude_spectrum(image: np.ndarray) -> np.ndarray:
     Returns:
         ``(H, W)`` float64 array.
     """
-    spec = np.fft.fftshift(np.fft.fft2(np.asarray(image, dtype=np.float64)))
-    return np.log10(1.0 + np.abs(spec))
+    mag = np.abs(np.fft.fftshift(np.fft.fft2(np.asarray(image, dtype=np.float64))))
+    floor = max(float(mag.max()) * 1e-12, np.finfo(np.float64).tiny)
+    return np.log10(np.maximum(mag, floor))
 
 
 def reconstruction_figure(panels: Sequence[ImagePanel], cutoff: float, title: str = "") -> "Figure":
     """Images side by side (top row) over their centred log-magnitude spectra (bottom row).
 
-    Images share the ground truth's grey scale ``[min, max]`` of the first
-    panel; spectra share one colour scale. Each spectrum shows the HFE disk of
+    Images share the grey scale ``[min, max]`` of the first panel shown (the
+    ground truth); spectra share one colour scale, from the first spectrum's
+    1st percentile to the largest value. Each spectrum shows the HFE disk of
     radius ``cutoff * min(H, W) / 2`` and its HFE in the title.
 
     Args:
@@ -164,7 +169,10 @@ def reconstruction_figure(panels: Sequence[ImagePanel], cutoff: float, title: st
     ref = present[0] if present else None
     vmin, vmax = (float(ref.min()), float(ref.max())) if ref is not None else (0.0, 1.0)
     spectra = [None if p.image is None else log_magnitude_spectrum(p.image) for p in panels]
+    ref_spec = next((s for s in spectra if s is not None), None)
+    # one colour scale: from the reference's 1st percentile to the largest magnitude shown
     spec_max = max((float(s.max()) for s in spectra if s is not None), default=1.0)
+    spec_min = float(np.percentile(ref_spec, 1)) if ref_spec is not None else spec_max - 1.0
     for col, (panel, spec) in enumerate(zip(panels, spectra)):
         top, bottom = grid[0][col], grid[1][col]
         if panel.image is None:
@@ -176,11 +184,11 @@ def reconstruction_figure(panels: Sequence[ImagePanel], cutoff: float, title: st
         top.set_title(f"{panel.label}{sub}", fontsize=9)
         _image_axes(top)
         h, w = panel.image.shape
-        bottom.imshow(spec, cmap="viridis", vmin=0.0, vmax=spec_max, interpolation="nearest")
+        bottom.imshow(spec, cmap="viridis", vmin=spec_min, vmax=spec_max, interpolation="nearest")
         radius = cutoff * min(h, w) / 2.0
         bottom.add_patch(Circle((w // 2, h // 2), radius, fill=False, ec="white", lw=0.8, ls="--"))
         hfe_text = "HFE n/a" if math.isnan(panel.hfe) else f"HFE {panel.hfe:.2f} %"
-        bottom.set_title(f"log10(1+|F|), {hfe_text}", fontsize=9)
+        bottom.set_title(f"log10 |F|, {hfe_text}", fontsize=9)
         _image_axes(bottom)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -87,6 +87,8 @@ def figure(fig: "Figure | Path", caption: str = "", dpi: int = 110, name: str = 
 
 
 def _cell(value: object, decimals: int) -> str:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return f'<td data-value="{int(value)}">{int(value)}</td>'
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         v = float(value)
         if math.isnan(v):
@@ -101,7 +103,7 @@ def table(df: "pd.DataFrame", decimals: int = 2, table_id: str | None = None, ca
     """``<table>`` fragment: header row of column names, one row per DataFrame row.
 
     Floats are shown rounded to ``decimals`` and carry their exact value in
-    ``data-value``; NaN and None show ``—``.
+    ``data-value``; integers are shown whole; NaN and None show ``—``.
 
     Args:
         df: the table (its index is not shown).
