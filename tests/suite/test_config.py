@@ -94,3 +94,10 @@ def test_spectral_metric_definitions_are_configurable():
     base = final_metrics(pred, gt, load_config(None).eval)
     wide = final_metrics(pred, gt, load_config(None, ["eval.hfe_cutoff=0.5", "eval.sr_threshold=0.2"]).eval)
     assert wide["hfe"] < base["hfe"] and wide["sr"] < base["sr"]
+
+
+def test_exponent_without_dot_is_a_float():
+    # YAML 1.1 reads "1e-3" as a string; a float field takes it as the number it spells
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 1e-3
+    with pytest.raises(ConfigError, match="train.lr.*number"):
+        load_config(None, ["train.lr=1e-3x"])
