@@ -187,11 +187,16 @@ def run_cell(cell: Cell, wrap_tracker: Callable[[Any], Any] | None = None) -> di
         ckpt = NodeCheckpointer(workdir / "ckpt", cfg.train.ckpt_every, writer=ctx.is_main)
         if ctx.is_main:
             (workdir / "config.yaml").write_text(yaml.safe_dump(cell.config, sort_keys=False))
-            if read_status(workdir).get("state") == "FAILED":
-                ckpt.clear()  # a failure is usually deterministic: start afresh, in a new run
+            previous = read_status(workdir)
+            if previous.get("state") == "FAILED" or previous.get("early_stopped"):
+                # A failure is usually deterministic, an early stop final: start afresh, in a new run.
+                ckpt.clear()
+                previous = {}
             latest = ckpt.latest()
             uri = cell.tracking_uri or tracking.resolve_tracking_uri()
             resume = (latest or {}).get("extra", {}).get("run_id")
+            if latest is None and previous.get("state") in ("RUNNING", "KILLED", "REQUEUED"):
+                resume = previous.get("run_id")  # stopped before its first checkpoint: nothing was logged yet
             if resume and not tracking.run_exists(uri, resume):
                 resume = None
             tracker = tracking.start_run(
@@ -203,6 +208,7 @@ def run_cell(cell: Cell, wrap_tracker: Callable[[Any], Any] | None = None) -> di
             out["run_id"] = tracker.run_id
             write_status(workdir, state="RUNNING", run_id=tracker.run_id, host=socket.gethostname(), pid=os.getpid(),
                          started=time.time(), resumed_from=bool(latest), error=None, world_size=ctx.world_size,
+                         early_stopped=False,
                          slurm_job_id=_slurm_job_id())
             tracker.log_artifact(workdir / "config.yaml")
         D.barrier()  # the other ranks resume from the checkpoint rank 0 kept (or cleared)
@@ -223,8 +229,13 @@ def run_cell(cell: Cell, wrap_tracker: Callable[[Any], Any] | None = None) -> di
             _record_failure(workdir, tracker, "KILLED", str(err), status_state=state)
         out.update(state=state, error=str(err))
     except EarlyStopped as err:
-        if ctx.is_main:  # final: keep the curve up to the stop
-            _record_failure(workdir, tracker, "KILLED", str(err), keep_metrics=True)
+        if ctx.is_main:  # final: keep the curve up to the stop; quick, the trial's process may end any moment
+            write_status(workdir, state="KILLED", error=str(err), ended=time.time(), early_stopped=True)
+            try:
+                tracker.set_tags({"failure_reason": str(err), "early_stopped": "true"})
+                tracker.terminate("KILLED")
+            except Exception as store_err:  # noqa: BLE001
+                print(f"deqbench: could not record the early stop in MLflow: {store_err}", file=sys.stderr)
         out.update(state="KILLED", error=str(err))
     except (Interrupted, KeyboardInterrupt) as err:
         reason = str(err) or type(err).__name__
@@ -253,13 +264,13 @@ def _slurm_job_id() -> str | None:
 
 
 def _record_failure(workdir: Path, tracker: Any, state: str, reason: str, tb: str = "",
-                    status_state: str | None = None, keep_metrics: bool = False) -> None:
+                    status_state: str | None = None) -> None:
     write_status(workdir, state=status_state or state, error=reason, traceback=tb, ended=time.time())
     if tracker is not None:
         try:
             # KILLED resumes from its checkpoint and replays the buffered epochs;
             # FAILED starts afresh, so its curve up to the failure is kept.
-            tracker.flush() if state == "FAILED" or keep_metrics else tracker.discard()
+            tracker.flush() if state == "FAILED" else tracker.discard()
             tracker.set_tags({"failure_reason": reason[:5000]})
             tracker.terminate(state)
         except Exception as err:  # noqa: BLE001 - the store itself may be the failure
