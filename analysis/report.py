@@ -1,10 +1,11 @@
 """Spectral reports: ``deqbench report spectral --experiment NAME [--run RUN_ID] --out DIR``.
 
 For each image of an experiment — DEQ-INR and CRR runs grouped by
-``data.image``, DE-Prox runs by ``deprox.kind`` (and ``mri.acceleration``,
-``mri.challenge``, ``mri.root`` where they vary; see :func:`image_labels`), the
-seed-0 run (else the first FINISHED one) standing for its group — or for the
-single run given by ``run_id``, the report shows:
+``data.image``, DE-Prox runs by ``deprox.kind``, each split further by the
+params that vary within (solver, acceleration, K, ...; see
+:func:`image_labels`), the seed-0 run (the newest if re-run; else the smallest
+seed) standing for its group — or for the single run given by ``run_id``, the
+report shows:
 
 - the ground truth and the outputs side by side — zero-filled ``A^H y``
   (DE-Prox), the DEQ of stage 1 (CRR), the final output (DEQ+CRR, or the
@@ -70,9 +71,14 @@ if TYPE_CHECKING:  # pragma: no cover
 REPORT_KINDS = ("spectral",)
 GROUP_KEYS = ("data.image", "data.volume", "data.file", "data.path")
 """Params that name the image a DEQ-INR/CRR run fits; the first present wins."""
-FAMILY_GROUP_KEYS = {"deprox": ("deprox.kind", "mri.acceleration", "mri.challenge", "mri.root")}
-"""Families whose runs are grouped by several params (the first is the label,
-the others are added as ``name=value`` where they vary across the experiment)."""
+SECONDARY_GROUP_KEYS = ("deq.solver", "deq.grad", "model.filter")
+"""DEQ-INR/CRR params that also tell runs of one image apart, where they vary."""
+FAMILY_GROUP_KEYS = {
+    "deprox": ("deprox.kind", "mri.acceleration", "deq.solver", "deq.grad", "deprox.unroll_k", "deprox.loss",
+               "mri.challenge", "mri.root"),
+}
+"""Families grouped by their own params: the first names the group, each other
+one is added as ``name=value`` where it varies among runs with the same first value."""
 MODEL_KEYS = ("deprox.kind", "model.kind", "model.name", "family", "tag.family")
 """Params (and tag) that name a run's model, first non-empty wins."""
 SOLVER_KEYS = ("deq.solver", "model.solver")
@@ -371,28 +377,37 @@ def family_of(row: Mapping[str, Any]) -> str | None:
 
 
 def group_keys(family: str | None, columns: Sequence[str]) -> tuple[str, ...]:
-    """The params that say what a run of ``family`` reconstructs (see :data:`FAMILY_GROUP_KEYS`).
+    """The params that say what a run of ``family`` reconstructs, the naming one first.
 
     Args:
         family: the run's family.
         columns: the columns of the runs table.
 
     Returns:
-        The family's keys present in ``columns``, or else the first of
-        :data:`GROUP_KEYS` present; empty when none is.
+        :data:`FAMILY_GROUP_KEYS` of the family, or else the first of
+        :data:`GROUP_KEYS` then :data:`SECONDARY_GROUP_KEYS`; only those present
+        in ``columns``; empty when the naming one is absent.
     """
-    keys = tuple(k for k in FAMILY_GROUP_KEYS.get(family or "", ()) if k in columns)
-    return keys or tuple(k for k in GROUP_KEYS if k in columns)[:1]
+    if family in FAMILY_GROUP_KEYS:
+        keys = FAMILY_GROUP_KEYS[family]
+    else:
+        first = next((k for k in GROUP_KEYS if k in columns), None)
+        keys = (first, *SECONDARY_GROUP_KEYS) if first else ()
+    if not keys or keys[0] not in columns:
+        return ()
+    return tuple(k for k in keys if k in columns)
 
 
 def image_labels(runs: "pd.DataFrame") -> list[str]:
     """What each run reconstructs, as a label; runs with one label form one group.
 
-    DEQ-INR and CRR: the image (``data.image``, e.g. ``camera``). DE-Prox: the
-    model kind, then ``acceleration=…`` etc. where those vary across the
-    experiment's DE-Prox runs (e.g. ``deq, acceleration=4``). A run without the
-    params is ``run-<id prefix>``. When the experiment mixes families the family
-    is appended, e.g. ``camera (deq_inr)``.
+    The value of the family's naming param — the image (``data.image``) for
+    DEQ-INR and CRR, the model kind (``deprox.kind``) for DE-Prox — followed by
+    ``name=value`` for each other group param (:func:`group_keys`) that varies
+    among the experiment's runs of that family and naming value: ``camera``,
+    ``camera, solver=anderson``, ``deq, acceleration=4``, ``unrolled, unroll_k=5``.
+    A run without the naming param is ``run-<id prefix>``. When the experiment
+    mixes families the family is appended, e.g. ``camera (deq_inr)``.
 
     Args:
         runs: wide table of :func:`analysis.runs.load_runs`.
@@ -402,16 +417,17 @@ def image_labels(runs: "pd.DataFrame") -> list[str]:
     """
     records = runs.to_dict("records")
     families = [family_of(r) for r in records]
+    columns = list(runs.columns)
     labels = []
     for rec, fam in zip(records, families):
-        keys = group_keys(fam, list(runs.columns))
+        keys = group_keys(fam, columns)
         if not keys or not _present(rec.get(keys[0])):
             labels.append(f"run-{str(rec['run_id'])[:8]}")
             continue
-        same = [r for r, f in zip(records, families) if f == fam]
+        name = str(rec[keys[0]])
+        same = [r for r, f in zip(records, families) if f == fam and str(r.get(keys[0])) == name]
         varying = [k for k in keys[1:] if len({str(r.get(k)) for r in same}) > 1]
-        extra = "".join(f", {k.rsplit('.', 1)[-1]}={rec.get(k)}" for k in varying)
-        labels.append(f"{rec[keys[0]]}{extra}")
+        labels.append(name + "".join(f", {k.rsplit('.', 1)[-1]}={rec.get(k)}" for k in varying))
     if len(set(families)) > 1:
         labels = [f"{lab} ({fam})" for lab, fam in zip(labels, families)]
     return labels
@@ -423,11 +439,23 @@ def model_label(row: Mapping[str, Any]) -> str:
     return "unknown" if value is None else str(value)
 
 
+def _seed_order(seed: Any) -> tuple[int, float]:
+    """Sort key of a seed: numeric seeds first, smallest first; missing ones last."""
+    try:
+        return (0, float(seed)) if _present(seed) else (1, 0.0)
+    except (TypeError, ValueError):
+        return (1, 0.0)
+
+
 def representative_runs(runs: "pd.DataFrame") -> "pd.DataFrame":
-    """One run per image (label of :func:`image_labels`): seed 0 when there is one, else the first run.
+    """One run per image (label of :func:`image_labels`): the seed-0 run.
+
+    Where a group has no seed 0, its smallest seed stands in; where a seed was
+    run more than once (a re-run), the newest run counts, as in
+    :mod:`analysis.table`.
 
     Args:
-        runs: wide table of :func:`analysis.runs.load_runs` (FINISHED runs), ordered by start time.
+        runs: wide table of :func:`analysis.runs.load_runs` (FINISHED runs).
 
     Returns:
         The chosen rows, ordered by label, with an added ``image`` column.
@@ -435,11 +463,13 @@ def representative_runs(runs: "pd.DataFrame") -> "pd.DataFrame":
     df = runs.assign(image=image_labels(runs))
     chosen = []
     for _, part in df.groupby("image", sort=True):
-        if "seed" in part.columns:
-            seed0 = part[part["seed"].astype(object).map(lambda s: _present(s) and str(s) == "0")]
-            if len(seed0):
-                part = seed0
-        chosen.append(part.index[0])
+        seeds = part["seed"] if "seed" in part.columns else [None] * len(part)
+        starts = part["start_time"] if "start_time" in part.columns else [None] * len(part)
+        order = sorted(
+            zip(part.index, seeds, starts),
+            key=lambda t: (_seed_order(t[1]), -(t[2].value if _present(t[2]) else 0)),
+        )
+        chosen.append(order[0][0])
     return df.loc[chosen].reset_index(drop=True)
 
 
@@ -463,13 +493,16 @@ def noise_table(runs: "pd.DataFrame") -> "pd.DataFrame":
 
     Returns:
         Columns ``model``, ``run_id``, ``sigma`` (float), ``metric``, ``value``;
-        one row per run and logged metric (empty when none).
+        one row per run and logged metric (empty when none). ``model`` is the
+        run's :func:`image_labels` label (its configuration less the seed, e.g.
+        ``deq, acceleration=4`` or ``unrolled, unroll_k=5``), so seeds average and
+        configurations do not.
     """
     import pandas as pd
 
     cols = [(c, _NOISE_RE.match(c)) for c in runs.columns]
     rows = []
-    for rec in runs.to_dict("records"):
+    for rec, label in zip(runs.to_dict("records"), image_labels(runs)):
         for col, m in cols:
             if m is None or not _present(rec[col]):
                 continue
@@ -477,7 +510,7 @@ def noise_table(runs: "pd.DataFrame") -> "pd.DataFrame":
                 sigma = float(m["sigma"])
             except ValueError:
                 continue
-            rows.append({"model": model_label(rec), "run_id": rec["run_id"], "sigma": sigma,
+            rows.append({"model": label, "run_id": rec["run_id"], "sigma": sigma,
                          "metric": m["metric"], "value": float(rec[col])})
     return pd.DataFrame(rows, columns=["model", "run_id", "sigma", "metric", "value"])
 

@@ -563,10 +563,12 @@ def test_noise_table_and_figure(synth: Synth) -> None:
     assert len(axs) == 2 and axs[0].get_ylabel() == "PSNR (dB)" and axs[1].get_ylabel() == "SSIM"
     for ax, metric in zip(axs, ("psnr", "ssim")):
         plotted = sorted(tuple(np.round(l.get_ydata(), 9)) for l in ax.lines if len(l.get_xdata()))
-        want = []
-        for kind in ("deq", "unrolled", "zero_filled"):
-            means = [np.mean([r["noise"][f"noise/{s}/{metric}"] for r in logged if r["kind"] == kind])
-                     for s in ("0.0", "0.01", "0.05")]
+        want = []  # one line per configuration (seeds averaged): deq per solver, unrolled per K, zero-filled
+        for kind, solver, k in (("deq", "anderson", None), ("deq", "fixed_point_iter", None), ("unrolled", None, 2),
+                                ("unrolled", None, 4), ("unrolled", None, 8), ("zero_filled", None, None)):
+            group = [r for r in logged if r["kind"] == kind and (k is None or r["k"] == k)
+                     and (solver is None or r["solver"] == solver)]
+            means = [np.mean([r["noise"][f"noise/{s}/{metric}"] for r in group]) for s in ("0.0", "0.01", "0.05")]
             want.append(tuple(np.round(means, 9)))
         assert plotted == sorted(want)
         xs = {tuple(l.get_xdata()) for l in ax.lines if len(l.get_xdata())}
@@ -626,17 +628,23 @@ def test_deprox_groups_by_kind_and_reports_the_volume(synth: Synth, tmp_path: Pa
     logged = synth.runs["deprox"]["runs"]
     runs = load_runs(DEPROX_EXP, tracking_uri=synth.uri)
     reps = representative_runs(runs)
-    # data.image is a meaningless default for DE-Prox; the kind groups (acceleration is constant here)
-    assert sorted(reps["image"]) == ["deq", "unrolled", "zero_filled"]
-    first = {kind: next(r["run_id"] for r in logged if r["kind"] == kind and r["seed"] == 0)
-             for kind in ("deq", "unrolled", "zero_filled")}
-    assert dict(zip(reps["image"], reps["run_id"])) == first
+    # data.image is a meaningless default for DE-Prox; the kind names the group, solver and K
+    # split it where they vary within a kind (acceleration is constant here); seed 0 stands for each
+    def label(r: dict) -> str:
+        if r["kind"] == "deq":
+            return f"deq, solver={r['solver']}"
+        return f"unrolled, unroll_k={r['k']}" if r["kind"] == "unrolled" else r["kind"]
+
+    want = {label(r): r["run_id"] for r in logged if r["seed"] == 0}
+    assert dict(zip(reps["image"], reps["run_id"])) == want
+    assert sorted(want) == ["deq, solver=anderson", "deq, solver=fixed_point_iter", "unrolled, unroll_k=2",
+                            "unrolled, unroll_k=4", "unrolled, unroll_k=8", "zero_filled"]
 
     info = logged[0]
     rep = spectral_report(DEPROX_EXP, tmp_path, run_id=info["run_id"], tracking_uri=synth.uri,
                           log_artifacts=False, png_dpi=72)
     (row,) = read_csv(rep.csv)
-    assert row["image"] == "deq" and row["volume"] == "file1.h5" and row["slices"] == "4"
+    assert row["image"] == "deq, solver=anderson" and row["volume"] == "file1.h5" and row["slices"] == "4"
     gt, vmax = info["gt"], info["gt"].amax()  # fastMRI: the volume's maximum is the data range
     for name in ("zero_filled", "final"):
         pred = info[name]
@@ -651,6 +659,16 @@ def test_deprox_groups_by_kind_and_reports_the_volume(synth: Synth, tmp_path: Pa
     assert page_count(rep.images[0].directory / "report.pdf") == 5
 
 
+def test_representative_is_seed0_newest_rerun() -> None:
+    t = pd.to_datetime([1000, 2000, 3000, 4000, 5000], unit="ms", utc=True)
+    runs = pd.DataFrame({"run_id": list("abcde"), "family": "crr", "start_time": t,
+                         "data.image": ["camera", "camera", "camera", "boat", "boat"],
+                         "seed": pd.array([1, 0, 0, 2, 1], dtype="Int64")})
+    reps = representative_runs(runs)
+    # camera: two seed-0 runs, the newer ('c') counts; boat: no seed 0, the smallest seed ('e')
+    assert dict(zip(reps["image"], reps["run_id"])) == {"boat": "e", "camera": "c"}
+
+
 def test_image_labels_and_output_columns() -> None:
     rows = [
         {"run_id": "a1", "family": "deprox", "deprox.kind": "deq", "mri.acceleration": 4, "data.image": "camera"},
@@ -658,11 +676,14 @@ def test_image_labels_and_output_columns() -> None:
         {"run_id": "a3", "family": "deprox", "deprox.kind": "zero_filled", "mri.acceleration": 8,
          "data.image": "camera"},
     ]
-    assert image_labels(pd.DataFrame(rows)) == ["deq, acceleration=4", "deq, acceleration=8",
-                                                "zero_filled, acceleration=8"]
+    # acceleration varies among the deq runs only
+    assert image_labels(pd.DataFrame(rows)) == ["deq, acceleration=4", "deq, acceleration=8", "zero_filled"]
     mixed = pd.DataFrame(rows[:1] + [{"run_id": "b1", "family": "crr", "data.image": "camera"},
                                      {"run_id": "c1", "family": "crr", "data.image": None}])
     assert image_labels(mixed) == ["deq (deprox)", "camera (crr)", "run-c1 (crr)"]
+    inr = pd.DataFrame({"run_id": list("xyz"), "family": "deq_inr", "data.image": ["camera", "camera", "boat"],
+                        "deq.solver": ["anderson", "broyden", "anderson"], "train.lr": [1e-3, 1e-3, 2e-3]})
+    assert image_labels(inr) == ["camera, solver=anderson", "camera, solver=broyden", "boat"]
 
     x = torch.zeros(1, 2, 9, 9)
     images = RunImages(x, x + 1, zero_filled=x + 2)
