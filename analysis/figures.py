@@ -280,7 +280,7 @@ def training_curves_figure(
 
     Args:
         psnr: ``(epoch, value)`` pairs (MLflow metric history of ``psnr``).
-        loss: ``(epoch, value)`` pairs of ``loss``; a log axis when all positive.
+        loss: ``(epoch, value)`` pairs of ``loss``; a log axis when positive and spanning a decade or more.
         boundaries: epochs at which a new stage starts (first epoch of stage 2);
             each is a vertical dotted line with ``gid`` :data:`STAGE_LINE_GID` in both panels.
         stage1_psnr: the frozen DEQ's PSNR, drawn as a horizontal line when finite.
@@ -305,7 +305,8 @@ def training_curves_figure(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(name)
         ax.grid(True, alpha=0.3)
-    if loss and all(v > 0 for _, v in loss):
+    values = [v for _, v in loss]
+    if values and min(values) > 0 and max(values) >= 10 * min(values):  # log only over a decade or more
         _log_axis(ax_loss, "y")
     if math.isfinite(stage1_psnr):
         ax_psnr.axhline(stage1_psnr, color="0.5", ls="--", lw=0.8, label=f"stage 1 PSNR {stage1_psnr:.2f} dB")

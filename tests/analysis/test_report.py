@@ -475,6 +475,19 @@ def test_image_figures_panels_values_and_stage_boundary(synth: Synth) -> None:
     assert list(curves[1].lines[0].get_ydata()) == pytest.approx([v for _, v in info["loss"]])
 
 
+def test_training_curves_boundary_and_loss_scale() -> None:
+    psnr = [(e, 20.0 + e) for e in range(6)]
+    fig = F.training_curves_figure(psnr, [(e, 10.0 ** -e) for e in range(6)], boundaries=[4], stage1_psnr=23.0)
+    ax_psnr, ax_loss = panels(fig)
+    assert ax_loss.get_yscale() == "log"  # five decades
+    assert [list(l.get_xdata()) for l in ax_psnr.lines if l.get_gid() == F.STAGE_LINE_GID] == [[4, 4]]
+    assert any(list(l.get_ydata()) == [23.0, 23.0] for l in ax_psnr.lines)
+    fig = F.training_curves_figure(psnr, [(e, 0.40 - 0.01 * e) for e in range(6)])
+    ax_psnr, ax_loss = panels(fig)
+    assert ax_loss.get_yscale() == "linear"  # less than a decade: log ticks would not tell values apart
+    assert not [l for l in ax_psnr.lines if l.get_gid() == F.STAGE_LINE_GID]
+
+
 def test_significant_residual_mask_matches_metric() -> None:
     gen = torch.Generator().manual_seed(3)
     for dtype in (torch.float32, torch.float64):
