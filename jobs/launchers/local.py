@@ -22,9 +22,11 @@ def _run_one(cell: Cell, threads: int) -> dict[str, Any]:
     path = cell.save()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "DEQBENCH_TORCH_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "jobs.node", str(path)]
+    if cell.world_size > 1:  # DDP on this machine: one process per rank (gloo on CPU), see jobs.distributed
+        cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cell.world_size}", "-m"]
     with open(Path(cell.workdir) / "log.txt", "ab") as log:
-        proc = subprocess.run([sys.executable, "-m", "jobs.node", str(path)], stdout=log, stderr=subprocess.STDOUT,
-                              env=env, cwd=os.getcwd())
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
     status = read_status(cell.workdir)
     if proc.returncode != 0 and status.get("state") not in ("FAILED", "KILLED"):
         # The process died without reporting (killed, segfault): record it here.

@@ -8,7 +8,6 @@ batch, so the per-epoch loss must agree up to float rounding.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -94,23 +93,19 @@ def _one_run(tmp: Path, name: str):
     return client, client.search_runs([exp.experiment_id])
 
 
-def test_torchrun_two_ranks_log_once(tmp_path):
-    """`torchrun --nproc_per_node 2 -m jobs.node cell.json`: env:// DDP, rank 0 alone tracks."""
-    from jobs.cells import expand_sweep
-
+def test_local_launcher_runs_a_two_rank_cell_with_torchrun(tmp_path):
+    """The local launcher starts a 2-rank cell as `torchrun --nproc_per_node 2 -m jobs.node`; rank 0 alone tracks."""
     spec = {"name": "t_torchrun", "base": str(TINY), "set": {"train.epochs": 3, "crr.epochs": 2,
                                                              "resources.tasks_per_node": 2}, "seeds": [0]}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
-    _, (cell,) = expand_sweep(tmp_path / "s.yaml", runs_dir=tmp_path / "runs", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "jobs.node", str(cell.save())], cwd=tmp_path, capture_output=True, text=True,
-                         env=env, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "sweep", "s.yaml", "--workers", "1"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client, (run,) = _one_run(tmp_path, "t_torchrun")
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(5))
-    status = json.loads((Path(cell.workdir) / "status.json").read_text())
+    (status,) = (tmp_path / "runs/t_torchrun").glob("*/status.json")
+    status = json.loads(status.read_text())
     assert status["world_size"] == 2 and status["state"] == "FINISHED"
 
 
