@@ -20,7 +20,7 @@ one process and interleaved repeat by repeat, through
 All use the same mask function (``random``, same accelerations, seeded per
 volume). Throughput is slices per second from the median over ``repeats``
 passes (wall clock and thread CPU time). A ``cProfile`` of one suite pass
-shows where its time goes. Finally the time ``DataLoader`` takes per batch
+(thread CPU clock) shows where its time goes. Finally the time ``DataLoader`` takes per batch
 is set against one training step of a small DE-Prox model built directly from
 :mod:`suite.models.deprox` at the same resolution (goal: loading is never the
 bottleneck).
@@ -141,10 +141,11 @@ def _pass(ds: Any) -> Tuple[float, float]:
 def profile_suite(ds: Any, top: int) -> List[Tuple[str, float, int]]:
     """``cProfile`` of one pass over ``ds``: ``(function, cumulative ms per slice, calls per slice)``, largest first.
 
-    Only functions of the suite, fastMRI, h5py and torch's FFT/linalg entry
+    The profiler's clock is the thread's CPU time (robust to other processes;
+    the profiler's own overhead inflates Python-heavy functions). Only functions of the suite, fastMRI, h5py and torch's FFT/linalg entry
     points are listed; cumulative times nest (a caller includes its callees).
     """
-    prof = cProfile.Profile()
+    prof = cProfile.Profile(time.thread_time)
     prof.enable()
     for i in range(len(ds)):
         ds[i]
@@ -273,7 +274,8 @@ def main(cfg: Dict[str, Any]) -> int:
                   for name, v in times.items()}
         print(f"largest CPU-time spread over passes (max - min) / median: {100 * max(spread.values()):.0f}%")
 
-        print(f"\nwhere the suite's time goes (cProfile, one pass; cumulative ms per slice, nested):")
+        print("\nwhere the suite's time goes (cProfile on thread CPU time, one pass; cumulative ms per slice, "
+              "nested):")
         for func, ms, calls in profile_suite(pipes["suite"][0], cfg["profile_top"]):
             print(f"  {ms:8.2f} ms  x{calls:<3d} {func}")
 

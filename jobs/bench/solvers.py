@@ -74,8 +74,8 @@ DEFAULTS: Dict[str, Any] = {
         "acceleration": 4,
         "center_fraction": 0.08,
         "eta": 1.0,
-        "denoiser": {"depth": 17, "width": 32, "norm": "group"},
-        "pretrain": {"steps": 150, "batch": 8, "lr": 1.0e-3, "sigma": 0.1, "seed": 0},
+        "denoiser": {"depth": 6, "width": 32, "norm": None},
+        "pretrain": {"steps": 300, "batch": 8, "lr": 1.0e-3, "sigma": 0.1, "seed": 0},
     },
     "goals": {"speedup": 2.0},
 }
