@@ -26,6 +26,8 @@ demo: $(STAMP)
 	$(BIN)/deqbench sweep configs/sweeps/crr_demo.yaml
 	$(BIN)/deqbench table --experiment crr_demo --rows data.image \
 	    --metrics stage1/psnr,psnr,crr/gain_db --out reports/crr_demo/table.md
+	$(BIN)/deqbench report spectral --experiment crr_demo --out reports/crr_demo/spectral
+	@echo "Spectral report: reports/crr_demo/spectral/spectral_report.html (also .pdf, signal_characteristics.csv)"
 	@echo "Browse every run with:  $(BIN)/deqbench ui   (http://127.0.0.1:5000)"
 
 test: $(STAMP)

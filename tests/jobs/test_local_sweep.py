@@ -120,6 +120,7 @@ def test_unknown_sweep_key_refused(tmp_path):
     assert out.returncode == 2 and "unknown sweep key 'axis'" in out.stderr
 
 
+@pytest.mark.slow  # ~1-3 min; the same property is tested on Slurm in test_requeue.py
 def test_killed_cell_resumes_into_the_same_run(tmp_path):
     """SIGTERM mid-training (as Slurm sends on timeout), then run again: same run, every epoch once."""
     over = ["--set", "train.epochs=40", "--set", "crr.epochs=4", "--set", "train.ckpt_every=5", "--set", "data.size=64"]

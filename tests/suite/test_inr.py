@@ -23,7 +23,7 @@ def tiny(**over):
 
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(ValueError, match="crr, deq_inr"):
+    with pytest.raises(ValueError, match="valid: crr, deprox, deq_inr"):
         get_model("siren")
 
 
