@@ -183,38 +183,40 @@ class _TorchProxy:
 def solver_allocations() -> Iterator[List[List[int]]]:
     """Records, per solver call, the bytes of the buffers torchdeq's solvers allocate with ``torch.zeros``.
 
-    Yields a list that receives one list of byte counts per Anderson or Broyden call.
+    Yields a list that receives one list of byte counts per Anderson or Broyden
+    call. The solvers are wrapped in torchdeq's registry, which ``get_deq``
+    reads at construction: build the models inside the context.
     """
+    import torchdeq.solver as solver_pkg
     import torchdeq.solver.anderson as anderson_mod
     import torchdeq.solver.broyden as broyden_mod
 
     calls: List[List[int]] = []
-    originals = {}
-    for mod, fn_name in ((anderson_mod, "anderson_solver"), (broyden_mod, "broyden_solver")):
-        originals[mod] = mod.torch
-        mod.torch = _TorchProxy([])  # type: ignore[assignment]
+    modules = {"anderson": (anderson_mod, anderson_mod.anderson_solver),
+               "broyden": (broyden_mod, broyden_mod.broyden_solver)}
+    saved_registry = dict(solver_pkg._solvers)
 
     def wrap(mod: Any, fn: Any) -> Any:
         def solver(*args: Any, **kwargs: Any) -> Any:
             log: List[int] = []
-            mod.torch = _TorchProxy(log)
+            mod.torch = _TorchProxy(log)  # type: ignore[assignment]
             calls.append(log)
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                mod.torch = torch
 
         return solver
 
-    import torchdeq.solver as solver_pkg
-
-    saved_registry = dict(solver_pkg._solvers)
-    solver_pkg._solvers["anderson"] = wrap(anderson_mod, anderson_mod.anderson_solver)
-    solver_pkg._solvers["broyden"] = wrap(broyden_mod, broyden_mod.broyden_solver)
     try:
+        for name, (mod, fn) in modules.items():
+            solver_pkg._solvers[name] = wrap(mod, fn)
         yield calls
     finally:
         solver_pkg._solvers.clear()
         solver_pkg._solvers.update(saved_registry)
-        for mod, orig in originals.items():
-            mod.torch = orig
+        for mod, _ in modules.values():
+            mod.torch = torch
 
 
 def _allocation_events(prof: Any) -> Tuple[np.ndarray, np.ndarray, Optional[int]]:
