@@ -314,8 +314,12 @@ def _run_model(name: str, problems: List[Tuple[Callable, torch.Tensor]], cfg: Di
     return out
 
 
-def _report(name: str, res: Dict[str, Dict[str, List[float]]], cfg: Dict[str, Any]) -> Dict[str, float]:
-    """Prints the table of one model; returns fixed-point / Anderson evaluations per Anderson row and threshold."""
+def _report(name: str, res: Dict[str, Dict[str, List[float]]], cfg: Dict[str, Any]) -> Dict[str, str]:
+    """Prints the table of one model; returns fixed-point / Anderson evaluations per Anderson row and threshold.
+
+    Values are strings: ``"2.57x"``, ``">=4.76x"`` (fixed-point not reached: a lower
+    bound) or ``"nan"`` (Anderson's median problem not reached).
+    """
     header = ["solver"] + [f"{kind} @{thr:g}" for thr in cfg["thresholds"] for kind in ("median", "worst", "reached")] \
         + ["CPU ms/eval"]
     rows = []
@@ -332,7 +336,7 @@ def _report(name: str, res: Dict[str, Dict[str, List[float]]], cfg: Dict[str, An
           "each the median over seeds; reached = share of problems)")
     for line in [header, ["-" * w for w in widths]] + rows:
         print("  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]))
-    speedups: Dict[str, float] = {}
+    speedups: Dict[str, str] = {}
     if "fixed_point_iter" not in res:
         return speedups
     for label in [k for k in res if k.startswith("anderson")]:
@@ -341,15 +345,16 @@ def _report(name: str, res: Dict[str, Dict[str, List[float]]], cfg: Dict[str, An
             aa = _median_inf(res[label][f"median@{thr:g}"])
             key = f"{label} @{thr:g}"
             if not math.isfinite(aa):
-                speedups[key] = float("nan")
+                speedups[key] = "nan"
                 note = f" ({label} did not reach it)"
             elif not math.isfinite(fp):
-                speedups[key] = cfg["max_iter"] / aa  # a lower bound
-                note = f" or more (fixed-point not reached in {cfg['max_iter']}: lower bound)"
+                speedups[key] = f">={cfg['max_iter'] / aa:.2f}x"
+                note = f" (fixed-point not reached in {cfg['max_iter']}: a lower bound)"
             else:
-                speedups[key] = fp / aa
+                speedups[key] = f"{fp / aa:.2f}x"
                 note = ""
-            print(f"  fixed-point / {label} evaluations @{thr:g} (medians): {speedups[key]:.2f}x{note}")
+            shown = "n/a" if speedups[key] == "nan" else speedups[key]
+            print(f"  fixed-point / {label} evaluations @{thr:g} (medians): {shown}{note}")
     return speedups
 
 
@@ -391,7 +396,7 @@ def main(cfg: Dict[str, Any]) -> int:
                   f"{z0.shape[0]} pixels x {z0.shape[1]} hidden", flush=True)
         res = _run_model("DEQ-INR", problems, cfg)
         sp = _report(f"(a) DEQ-INR ({z0.shape[0]} pixel problems per seed, {len(problems)} seeds)", res, cfg)
-        summary += [f"DEQ-INR fixed-point / {k}: {v:.2f}x" for k, v in sp.items()]
+        summary += [f"DEQ-INR fixed-point / {k}: {v}" for k, v in sp.items()]
 
     if cfg["deprox"]["enabled"]:
         dp = cfg["deprox"]
@@ -405,10 +410,13 @@ def main(cfg: Dict[str, Any]) -> int:
         res = _run_model("DE-Prox", problems, cfg)
         sp = _report(f"(b) DE-Prox ({eval_imgs.shape[0]} slice problems per mask seed, {len(problems)} seeds)",
                      res, cfg)
-        summary += [f"DE-Prox fixed-point / {k}: {v:.2f}x" for k, v in sp.items()]
+        summary += [f"DE-Prox fixed-point / {k}: {v}" for k, v in sp.items()]
 
     print()
     for line in summary:
-        value = float(line.rsplit(" ", 1)[1].rstrip("x"))
+        text = line.rsplit(" ", 1)[1]
+        value = float(text.lstrip(">=").rstrip("x"))
+        if math.isnan(value):
+            line = line.replace(" nan", f" n/a (Anderson's median problem not reached in {cfg['max_iter']})")
         print(f"{line}  (goal >= {goal:g}x: {'met' if value >= goal else 'NOT met'})")
     return 0
