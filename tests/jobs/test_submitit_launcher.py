@@ -57,19 +57,27 @@ def test_smoke_sweep_finishes_on_slurm(slurm_cluster, tmp_path):
     out = deqbench("sweep", REPO / "configs/sweeps/smoke.yaml", "--launcher", "submitit",
                    "--launcher-config", LOCAL, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "2 finished, 0 failed" in out.stdout
-    assert out.stdout.count("submitted 1 cell(s) as Slurm job") == 2  # two resource groups, two jobs
+    assert "3 finished, 0 failed" in out.stdout
+    # two resource groups: the 1-rank CRR and DE-Prox cells in one array, the 2-rank cell alone
+    assert "submitted 2 cell(s) as Slurm job" in out.stdout and "submitted 1 cell(s) as Slurm job" in out.stdout
     client, found = runs(tmp_path, "smoke")
-    assert sorted(r.info.status for r in found) == ["FINISHED", "FINISHED"]
-    assert sorted(r.data.tags["world_size"] for r in found) == ["1", "2"]
+    assert sorted(r.info.status for r in found) == ["FINISHED"] * 3
+    assert sorted((r.data.tags["family"], r.data.tags["world_size"]) for r in found) == [
+        ("crr", "1"), ("crr", "2"), ("deprox", "1")]
     for r in found:
         sub = json.loads((tmp_path / "runs/smoke" / r.data.tags["cell_hash"] / "submitted.json").read_text())
-        assert r.data.tags["slurm_job_id"] == sub["job_id"]
+        if sub["array_index"] is None:
+            assert r.data.tags["slurm_job_id"] == sub["job_id"]
+        else:  # an array task: its own SLURM_JOB_ID differs; the array id and index are tagged
+            assert r.data.tags["slurm_array_job_id"] == sub["array_job_id"]
+            assert r.data.tags["slurm_array_task_id"] == str(sub["array_index"])
         assert (tmp_path / "runs/smoke/slurm" / sub["job_id"]).is_dir()  # logs under the sweep's folder
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
-        assert sorted(steps) == list(range(12))  # 6 + 6 epochs, once each
+        assert len(steps) == len(set(steps)) and steps, r.data.tags["family"]  # each epoch once
+        if r.data.tags["family"] == "crr":
+            assert sorted(steps) == list(range(12))  # 6 + 6 epochs
     st = deqbench("status", REPO / "configs/sweeps/smoke.yaml", cwd=tmp_path)
-    assert "2 cells: 2 finished" in st.stdout
+    assert "3 cells: 3 finished" in st.stdout
 
 
 @pytest.fixture(scope="module")
