@@ -51,7 +51,7 @@ def test_submitit_accepts_the_valid_keys() -> None:
     submitit = pytest.importorskip("submitit")
     config = load_launcher_config(LAUNCHERS / "slurm.yaml", check_cluster=False)
     folder, init_kwargs, params = submitit_arguments(config)
-    assert folder == config["folder"]
+    assert folder == "submitit/%j"  # unused by sweeps (logs go under the sweep), a default for direct use
     assert init_kwargs == {"slurm_max_num_timeout": 3}
     assert "folder" not in params and "slurm_max_num_timeout" not in params
     executor = submitit.AutoExecutor(folder="/tmp/unused", cluster="debug", **init_kwargs)
