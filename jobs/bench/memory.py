@@ -53,6 +53,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from jobs.bench._common import merge_config
+
 DEFAULTS: Dict[str, Any] = {
     "repeats": 3,
     "threads": 1,
@@ -69,19 +71,8 @@ DEFAULTS: Dict[str, Any] = {
 
 
 def _merge(cfg: Dict[str, Any], defaults: Dict[str, Any], where: str = "bench memory") -> Dict[str, Any]:
-    """Defaults overlaid with ``cfg`` (nested mappings merged); unknown keys refused."""
-    unknown = sorted(set(cfg) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where} config; valid: {sorted(defaults)}")
-    out: Dict[str, Any] = {}
-    for key, default in defaults.items():
-        value = cfg.get(key, default)
-        if isinstance(default, dict):
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}: {key} must be a mapping with keys from {sorted(default)}, got {value!r}")
-            value = _merge(value, default, f"{where} {key}")
-        out[key] = value
-    return out
+    """Defaults overlaid with ``cfg``; unknown keys refused (:func:`jobs.bench._common.merge_config`)."""
+    return merge_config(cfg, defaults, where)
 
 
 def _validate(cfg: Dict[str, Any]) -> None:

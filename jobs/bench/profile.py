@@ -35,6 +35,8 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import torch
 from torch import nn
 
+from jobs.bench._common import merge_config
+
 VARIANTS = ("baseline", "hook_ift", "channels_last", "phantom")
 EXACT_VARIANTS = ("hook_ift", "channels_last")  # same gradient as the baseline; "phantom" approximates it
 
@@ -54,19 +56,8 @@ DEFAULTS: Dict[str, Any] = {
 
 
 def _merge(cfg: Dict[str, Any], defaults: Dict[str, Any], where: str = "bench profile") -> Dict[str, Any]:
-    """Defaults overlaid with ``cfg`` (nested mappings merged); unknown keys refused."""
-    unknown = sorted(set(cfg) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where} config; valid: {sorted(defaults)}")
-    out: Dict[str, Any] = {}
-    for key, default in defaults.items():
-        value = cfg.get(key, default)
-        if isinstance(default, dict):
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}: {key} must be a mapping with keys from {sorted(default)}, got {value!r}")
-            value = _merge(value, default, f"{where} {key}")
-        out[key] = value
-    return out
+    """Defaults overlaid with ``cfg``; unknown keys refused (:func:`jobs.bench._common.merge_config`)."""
+    return merge_config(cfg, defaults, where)
 
 
 def _validate(cfg: Dict[str, Any]) -> None:

@@ -42,6 +42,8 @@ from typing import Any, Callable, Dict, List, Tuple
 import numpy as np
 import torch
 
+from jobs.bench._common import merge_config
+
 SOLVER_NAMES = ("anderson", "broyden", "fixed_point_iter")
 # evaluations of f made before the first traced residual, minus one (see module docstring)
 EVAL_OFFSET = {"fixed_point_iter": 0, "anderson": 2, "broyden": 1}
@@ -82,20 +84,8 @@ DEFAULTS: Dict[str, Any] = {
 
 
 def _merge(cfg: Dict[str, Any], defaults: Dict[str, Any], where: str = "bench solvers") -> Dict[str, Any]:
-    """Defaults overlaid with ``cfg``; unknown keys refused except under ``inr.experiment``
-    (validated by :func:`suite.config.load_config`)."""
-    unknown = sorted(set(cfg) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where} config; valid: {sorted(defaults)}")
-    out: Dict[str, Any] = {}
-    for key, default in defaults.items():
-        value = cfg.get(key, default)
-        if isinstance(default, dict) and key != "experiment":
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}: {key} must be a mapping with keys from {sorted(default)}, got {value!r}")
-            value = _merge(value, default, f"{where} {key}")
-        out[key] = value
-    return out
+    """Defaults overlaid with ``cfg``; unknown keys refused (:func:`jobs.bench._common.merge_config`)."""
+    return merge_config(cfg, defaults, where, opaque=("experiment",))
 
 
 def _validate(cfg: Dict[str, Any]) -> None:
