@@ -1,11 +1,15 @@
-"""Small helpers shared by the training loops: device, RNG state, peak memory."""
+"""Small helpers shared by the training loops: device, RNG state, peak memory, run files."""
 
 from __future__ import annotations
 
+import json
+import math
 import resource
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 
@@ -45,3 +49,44 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def save_png(img: torch.Tensor, path: Path) -> Path:
+    """Writes a ``(H, W)`` image (leading size-1 dims allowed), clamped to [0, 1], as 8-bit PNG."""
+    import skimage.io
+
+    arr = (img.squeeze().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    skimage.io.imsave(path, arr, check_contrast=False)
+    return path
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN/inf floats as None (strict JSON), recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def log_run_files(tracker: Any, outdir: Path, pngs: Sequence[Path], images: Mapping[str, Any],
+                  documents: Mapping[str, Any]) -> None:
+    """Saves ``images`` to ``images.pt`` and each document as strict JSON, then logs them and ``pngs``.
+
+    Args:
+        tracker: receives every file (``log_artifact``).
+        outdir: the run's artifact directory (exists).
+        pngs: images already written (see :func:`save_png`).
+        images: tensors for the analysis commands (``images.pt``).
+        documents: file name → JSON-serialisable object, e.g. ``{"metrics.json": results}``.
+    """
+    paths = list(pngs)
+    torch.save(dict(images), outdir / "images.pt")
+    paths.append(outdir / "images.pt")
+    for name, obj in documents.items():
+        (outdir / name).write_text(json.dumps(json_safe(obj), indent=2))
+        paths.append(outdir / name)
+    for p in paths:
+        tracker.log_artifact(p)

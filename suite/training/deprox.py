@@ -79,7 +79,7 @@ from suite.models.deprox import DEProx, Unrolled, ZeroFilled, complex_magnitude,
 from suite.physics.mri import make_mri_physics
 from suite.training import distributed as D
 from suite.training.checkpoint import Checkpointer
-from suite.training.common import pick_device, rng_state, set_rng_state
+from suite.training.common import log_run_files, pick_device, rng_state, save_png, set_rng_state
 from suite.training.losses import get_loss
 from suite.training.tracker import Tracker
 
@@ -610,25 +610,6 @@ def _solver_trace(model: nn.Module, store: SliceStore, indices: Sequence[int], d
     return {"slice": int(mid), **trace}
 
 
-def _save_png(img: torch.Tensor, path: Path) -> Path:
-    import skimage.io
-
-    arr = (img.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    skimage.io.imsave(path, arr, check_contrast=False)
-    return path
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf floats as None (strict JSON), recursively."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _write_artifacts(outdir: Path, tracker: Tracker, first: dict, fname: str, results: dict, rows: list[dict],
                      trace: dict) -> None:
     """Middle-slice PNGs (scaled by the volume maximum; residual by its own maximum), the
@@ -640,19 +621,14 @@ def _write_artifacts(outdir: Path, tracker: Tracker, first: dict, fname: str, re
     top = float(gt.max()) or 1.0
     resid = (gt[mid] - pred[mid]).abs()
     paths = [
-        _save_png(pred[mid] / top, outdir / "reconstruction.png"),
-        _save_png(resid / (float(resid.max()) or 1.0), outdir / "residual.png"),
-        _save_png(gt[mid] / top, outdir / "ground_truth.png"),
-        _save_png(zf[mid] / top, outdir / "zero_filled.png"),
+        save_png(pred[mid] / top, outdir / "reconstruction.png"),
+        save_png(resid / (float(resid.max()) or 1.0), outdir / "residual.png"),
+        save_png(gt[mid] / top, outdir / "ground_truth.png"),
+        save_png(zf[mid] / top, outdir / "zero_filled.png"),
     ]
-    torch.save({"reconstruction": pred[None], "ground_truth": gt[None], "zero_filled": zf[None], "volume": fname},
-               outdir / "images.pt")
-    paths.append(outdir / "images.pt")
-    for name, obj in (("metrics.json", {**results, "per_volume": rows}), ("solver_trace.json", trace)):
-        (outdir / name).write_text(json.dumps(_json_safe(obj), indent=2))
-        paths.append(outdir / name)
-    for p in paths:
-        tracker.log_artifact(p)
+    log_run_files(tracker, outdir, paths,
+                  {"reconstruction": pred[None], "ground_truth": gt[None], "zero_filled": zf[None], "volume": fname},
+                  {"metrics.json": {**results, "per_volume": rows}, "solver_trace.json": trace})
 
 
 # --------------------------------------------------------------------- the loop

@@ -27,13 +27,11 @@ by more than rounding. Without a process group the code is unchanged.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -42,7 +40,9 @@ from suite.config import EvalConfig, ExperimentConfig
 from suite.data.images import ImageData, pixels_to_image
 from suite.training.checkpoint import Checkpointer
 from suite.training import distributed as D
-from suite.training.common import peak_memory_mb, pick_device, reset_peak_memory, rng_state, set_rng_state
+from suite.training.common import (
+    log_run_files, peak_memory_mb, pick_device, reset_peak_memory, rng_state, save_png, set_rng_state,
+)
 from suite.training.tracker import Tracker
 
 
@@ -203,14 +203,6 @@ def final_metrics(pred: torch.Tensor, target: torch.Tensor, ev: EvalConfig = Eva
     }
 
 
-def _save_png(img: torch.Tensor, path: Path) -> Path:
-    import skimage.io
-
-    arr = (img.squeeze().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    skimage.io.imsave(path, arr, check_contrast=False)
-    return path
-
-
 def _write_artifacts(outdir: Path, tracker: Tracker, pred: torch.Tensor, data: ImageData, results: dict, trace: dict,
                      stage1: torch.Tensor | None = None) -> None:
     """Reconstruction, residual map (scaled to its max), metrics and solver traces.
@@ -221,21 +213,15 @@ def _write_artifacts(outdir: Path, tracker: Tracker, pred: torch.Tensor, data: I
     outdir.mkdir(parents=True, exist_ok=True)
     residual = M.residual_map(pred, data.image)
     paths = [
-        _save_png(pred, outdir / "reconstruction.png"),
-        _save_png(residual / residual.max().clamp_min(1e-12), outdir / "residual.png"),
-        _save_png(data.image, outdir / "ground_truth.png"),
+        save_png(pred, outdir / "reconstruction.png"),
+        save_png(residual / residual.max().clamp_min(1e-12), outdir / "residual.png"),
+        save_png(data.image, outdir / "ground_truth.png"),
     ]
     images = {"reconstruction": pred.cpu(), "ground_truth": data.image.cpu()}
     if stage1 is not None:
         images["stage1"] = stage1.cpu()
-        paths.append(_save_png(stage1, outdir / "stage1.png"))
-    torch.save(images, outdir / "images.pt")
-    paths.append(outdir / "images.pt")
-    for name, obj in (("metrics.json", results), ("solver_trace.json", trace)):
-        (outdir / name).write_text(json.dumps(obj, indent=2))
-        paths.append(outdir / name)
-    for p in paths:
-        tracker.log_artifact(p)
+        paths.append(save_png(stage1, outdir / "stage1.png"))
+    log_run_files(tracker, outdir, paths, images, {"metrics.json": results, "solver_trace.json": trace})
 
 
 def fit_inr(
