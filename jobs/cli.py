@@ -155,7 +155,8 @@ def cmd_ui(a: argparse.Namespace) -> int:
 
     uri = tracking.resolve_tracking_uri(a.tracking_uri)
     print(f"MLflow UI for {uri} at http://{a.host}:{a.port} (Ctrl-C to stop)", flush=True)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", a.host, "--port", str(a.port)]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", a.host, "--port", str(a.port),
+           "--workers", str(a.workers)]
     return subprocess.call(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
 
 
@@ -232,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ui", help="MLflow UI on the tracking store, bound to 127.0.0.1")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--workers", type=int, default=1,
+                   help="server processes (default 1: starts fast; MLflow's own default is 4)")
     _common(s)
     s.set_defaults(func=cmd_ui)
     return p
