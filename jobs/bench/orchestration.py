@@ -182,14 +182,17 @@ def _availability(backend: str, launcher_cfg: Optional[Path]) -> Optional[str]:
     return None
 
 
-def _timed_import(module: str) -> float:
-    """Seconds this process took to import ``module`` (0 when it was imported already)."""
+def _timed_import(module: str) -> Optional[float]:
+    """Seconds this process took to import ``module`` (0 when imported already, None when it fails)."""
     import importlib
 
     if module in sys.modules:
         return 0.0
     start = time.perf_counter()
-    importlib.import_module(module)
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return None  # reported by the availability check
     return time.perf_counter() - start
 
 
@@ -313,6 +316,7 @@ def _run(cfg: Dict[str, Any], root: Path) -> int:
     """The body of :func:`main` on a merged config, working under ``root``."""
     sweep = _write_sweep(root, cfg)
     launcher_cfgs = _launcher_configs(root, cfg)
+    imports = {m: _timed_import(m) for m in ("mlflow", "submitit", "ray.tune") if _wanted(m, cfg["backends"])}
     backends: List[str] = []
     for b in cfg["backends"]:
         reason = _availability(b, launcher_cfgs.get(b))
@@ -322,7 +326,6 @@ def _run(cfg: Dict[str, Any], root: Path) -> int:
             raise RuntimeError(f"bench orchestration: backend {b!r} is required but cannot run here: {reason}")
         else:
             print(f"{b} skipped: {reason}", flush=True)
-    imports = {m: _timed_import(m) for m in ("mlflow", "submitit", "ray.tune") if _wanted(m, backends)}
     warm, _ = _expand(sweep, root / "warmup")
     _run_direct(warm[:1], 1)  # untimed: first-call costs of this process (torch, MLflow, SQLAlchemy)
 
@@ -331,7 +334,7 @@ def _run(cfg: Dict[str, Any], root: Path) -> int:
           f"{', '.join(backends)}; launchers run {cfg['workers']} at a time, direct 1; median of {reps} repeat(s); "
           f"{os.cpu_count()} CPUs; load average {_load()}", flush=True)
     print("untimed first imports in this process: "
-          + ", ".join(f"{m} {s:.1f} s" for m, s in imports.items()), flush=True)
+          + ", ".join(f"{m} {s:.1f} s" for m, s in imports.items() if s is not None), flush=True)
     runners = {b: _runner(b, cfg, launcher_cfgs) for b in backends}
     totals: Dict[str, List[float]] = {b: [] for b in backends}
     failed: List[str] = []
