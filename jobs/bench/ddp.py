@@ -24,6 +24,22 @@ over repeats (forward, reversed, forward, ...) so drifting load hits all alike.
 Throughput: one epoch is one pass over the ``size²`` pixels, so pixels/s is
 ``size² / (s/epoch)``.
 
+Threads: ``1x2`` is the fair single-process reference (the same two cores).
+On a shared machine multi-threaded variants stall on every op when another
+process holds a core, and a 2-process job gets a larger share of a loaded
+machine than a 1-process job, so the ratios are only meaningful at low load
+(the bench prints the load average before and after).
+
+On GPUs (NCCL, one GPU per rank) the gradient all-reduce is small (the model's
+~10⁵ parameters, well under a millisecond on NVLink), so scaling is bounded by
+what does not shrink with the shard: the solver loop's kernel launches and
+host syncs (``.item()`` per step, 3 collectives per step), per-shard early
+exit (the slowest shard's iteration count sets the step), and the unsharded
+parts (final metrics, rank-0 logging). With a per-rank shard large enough to
+fill the GPU (full-batch 512×512: 131 072 pixels per rank) near-linear
+scaling is expected; with small mini-batches a step is launch-bound and a
+second GPU gains little.
+
 Config keys: see :data:`DEFAULTS` and ``configs/bench/ddp.yaml``.
 """
 
