@@ -102,13 +102,16 @@ def _git_commit() -> str:
 
 
 def run_tags(cell_hash: str, family: str, world_size: int) -> dict[str, str]:
-    """Provenance tags: git commit, package versions, host, Slurm ids, world size, cell hash."""
+    """Provenance tags: git commit, package versions, host, Slurm ids, world size, torch threads, cell hash."""
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
 
     tags = {
         "cell_hash": cell_hash,
         "family": family,
         "world_size": str(world_size),
+        "torch_threads": str(torch.get_num_threads()),  # per rank: timings depend on it
         "git_commit": _git_commit(),
         "host": socket.gethostname(),
         "python": platform.python_version(),

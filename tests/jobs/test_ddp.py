@@ -8,6 +8,7 @@ batch, so the per-epoch loss must agree up to float rounding.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -103,6 +104,8 @@ def test_local_launcher_runs_a_two_rank_cell_with_torchrun(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client, (run,) = _one_run(tmp_path, "t_torchrun")
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    # one worker's share of the cores is split between the two ranks, not given to each
+    assert run.data.tags["torch_threads"] == str(max(1, (os.cpu_count() or 1) // 2))
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(5))
     (status,) = (tmp_path / "runs/t_torchrun").glob("*/status.json")
     status = json.loads(status.read_text())
