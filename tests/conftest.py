@@ -31,3 +31,10 @@ def slurm_cluster() -> str:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
         pytest.skip(f"local Slurm cluster could not start (exit {proc.returncode}): {tail}")
     return "debug"
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_tracking_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests choose their own MLflow store: a ``$MLFLOW_TRACKING_URI`` from the user's shell
+    (or one leaked by a library) must not send their runs elsewhere."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -235,7 +235,12 @@ def time_unbuffered(uri: str, row: Mapping[str, float], steps: int) -> Dict[str,
 
     client = tracking.client(uri)
     exp_id = tracking.experiment_id(uri, EXPERIMENT)
-    previous = mlflow.get_tracking_uri()
+    # The fluent API needs a global URI; mlflow.set_tracking_uri also exports it as
+    # $MLFLOW_TRACKING_URI, which every later subprocess (a sweep's cells) would inherit.
+    # Restore both: mlflow's own setting (None = unset) and the variable.
+    from mlflow.tracking._tracking_service import utils as mlflow_uri
+
+    previous, previous_env = mlflow_uri._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     fluent: List[float] = []
     try:
@@ -247,6 +252,10 @@ def time_unbuffered(uri: str, row: Mapping[str, float], steps: int) -> Dict[str,
                 fluent.append(time.perf_counter() - t0)
     finally:
         mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
     batch_run = client.create_run(exp_id, run_name="unbuffered_log_batch")
     batch: List[float] = []
     for i in range(steps):

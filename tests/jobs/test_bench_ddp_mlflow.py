@@ -8,6 +8,7 @@ tracker received -- no step lost, none duplicated.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,7 @@ def _history(client, run_id, key):
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def test_mlflow_overhead_store_holds_exactly_what_was_logged(tmp_path):
+def test_mlflow_overhead_store_holds_exactly_what_was_logged(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from jobs.bench import mlflow_overhead as mo
@@ -122,7 +123,10 @@ def test_mlflow_overhead_store_holds_exactly_what_was_logged(tmp_path):
     cfg = {"experiment": TINY_INR, "set": {"train.epochs": 5, "train.ckpt_every": 2, "data.size": 41},
            "repeats": 1, "warmup_fits": 0, "flush_epochs": [3, 2], "flush_repeats": 2, "unbuffered_steps": 4,
            "paper_ckpt_every": 2, "store": str(tmp_path / "store"), "out": str(tmp_path / "o.json")}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     res = mo.run_bench(cfg)
+    # the fluent API's global URI does not leak into later processes (a sweep's cells would log there)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     client = MlflowClient(res["uri"])
     (fit,) = res["fits"]["mlflow"]
     # flushed before the checkpoints after epochs 2 and 4, and once at the end
