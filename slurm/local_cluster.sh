@@ -222,10 +222,22 @@ kill_pidfile() {  # kill_pidfile PIDFILE NAME
     kill -KILL "$pid" 2>/dev/null || true
 }
 
+kill_orphans() {  # kill_orphans NAME: daemons on our config whose pid file is gone
+    # (another checkout started them and was deleted, or its .slurm/ was removed):
+    # without this a new daemon cannot bind its port and the start fails.
+    local name=$1 i
+    pkill -TERM -f "^$name -f $CONF" 2>/dev/null || return 0
+    for i in $(seq 100); do pgrep -f "^$name -f $CONF" >/dev/null || return 0; sleep 0.1; done
+    log "$name ignored SIGTERM for 10 s; sending SIGKILL"
+    pkill -KILL -f "^$name -f $CONF" 2>/dev/null || true
+}
+
 stop_slurm_daemons() {
     [[ -r $CONF ]] || return 0
     kill_pidfile "$(conf_value SlurmdPidFile)" slurmd
     kill_pidfile "$(conf_value SlurmctldPidFile)" slurmctld
+    kill_orphans slurmd
+    kill_orphans slurmctld
 }
 
 stop() {

@@ -87,6 +87,35 @@ def test_start_is_idempotent_and_status_shows_the_node(slurm_cluster: str) -> No
     assert line.split()[4] in {"idle", "mix", "alloc", "comp"}, status.stdout
 
 
+def _conf_value(key: str) -> str:
+    line = next(ln for ln in Path("/etc/slurm/slurm.conf").read_text().splitlines() if ln.startswith(key + "="))
+    return line.split("=", 1)[1].strip()
+
+
+def _running_slurm_daemon(pid: int) -> bool:
+    """A live (not zombie) slurmctld/slurmd with this pid."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "slurm" in status.split("\n", 1)[0] and "zombie" not in status
+
+
+def test_start_replaces_daemons_whose_pid_files_are_gone(slurm_cluster: str) -> None:
+    """Daemons started from a checkout that was since deleted (pid files gone) are replaced, not fatal."""
+    pidfiles = [Path(_conf_value(k)) for k in ("SlurmctldPidFile", "SlurmdPidFile")]
+    old = [int(pf.read_text()) for pf in pidfiles]
+    for pf in pidfiles:
+        pf.unlink()
+    start = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=300)
+    assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
+    new = [int(pf.read_text()) for pf in pidfiles]
+    assert all(n != o for n, o in zip(new, old))
+    assert not any(_running_slurm_daemon(o) for o in old)
+    status = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stdout + status.stderr
+
+
 def test_sbatch_job_completes_and_writes_its_output(slurm_cluster: str, tmp_path: Path) -> None:
     token = uuid.uuid4().hex
     out = tmp_path / "out_%j.txt"
@@ -251,7 +280,8 @@ def square(x):
     return x * x
 with open(sys.argv[1], "w") as fh:
     fh.write(f"{os.environ['RAY_ADDRESS']} {ray.cluster_resources()['CPU']} "
-             f"{sum(ray.get([square.remote(i) for i in range(5)]))}")
+             f"{sum(ray.get([square.remote(i) for i in range(5)]))} "
+             f"{os.environ.get('RAY_AUTH_MODE')} {len(os.environ.get('RAY_AUTH_TOKEN', ''))}")
 '''
 
 
@@ -271,7 +301,8 @@ def test_ray_template_runs_a_driver_on_a_per_job_port(slurm_cluster: str, tmp_pa
     states = _wait_terminal([job_id], timeout=300)
     log = (tmp_path / f"{job_id}.out").read_text()
     assert states == {job_id: "COMPLETED"}, log[-3000:]
-    address, cpus, total = result.read_text().split()
+    address, cpus, total, auth_mode, token_len = result.read_text().split()
+    assert (auth_mode, token_len) == ("token", "64")  # a per-job token, not a shared or absent one
     assert address.endswith(f":{20000 + (int(job_id) % 400) * 100}")
     assert float(cpus) == 2.0
     assert int(total) == sum(i * i for i in range(5))
