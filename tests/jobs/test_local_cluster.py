@@ -109,7 +109,8 @@ def test_start_replaces_daemons_whose_pid_files_are_gone(slurm_cluster: str) -> 
         pf.unlink()
     start = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=300)
     assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
-    new = [int(pf.read_text()) for pf in pidfiles]
+    # the config (and so the pid files' place) is this checkout's now, whichever started the old daemons
+    new = [int(Path(_conf_value(k)).read_text()) for k in ("SlurmctldPidFile", "SlurmdPidFile")]
     assert all(n != o for n, o in zip(new, old))
     assert not any(_running_slurm_daemon(o) for o in old)
     status = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True, text=True, timeout=60)
