@@ -134,8 +134,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     import yaml
 
+    if a.config and not Path(a.config).is_file():
+        raise ValueError(f"--config {a.config!r}: no such benchmark config file")
     cfg_path = Path(a.config or f"configs/bench/{a.name}.yaml")
-    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
     import pkgutil
 
     import jobs.bench

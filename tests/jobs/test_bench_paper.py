@@ -44,3 +44,13 @@ def test_paper_rejects_bad_config() -> None:
         paper._merge({"runs": [], "gpus": 1})
     with pytest.raises(ValueError, match="runs\\[0\\]"):
         paper._merge({"runs": [{"experiment": "x.yaml"}]})
+
+
+def test_missing_bench_config_file_is_an_error(tmp_path: Path) -> None:
+    """A mistyped --config must not silently run the defaults (a long benchmark)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "bench", "paper", "--config", str(tmp_path / "nope.yaml")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "nope.yaml" in out.stderr and "no such" in out.stderr
