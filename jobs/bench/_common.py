@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable
+from typing import Any, Dict, Iterable, List
 
 
 def merge_config(cfg: Dict[str, Any], defaults: Dict[str, Any], where: str, opaque: Iterable[str] = ()) -> Dict[str, Any]:
@@ -30,3 +30,15 @@ def merge_config(cfg: Dict[str, Any], defaults: Dict[str, Any], where: str, opaq
             value = merge_config(value, default, f"{where} {key}", opaque)
         out[key] = value
     return out
+
+
+def table_lines(header: List[str], rows: List[List[str]]) -> List[str]:
+    """A plain-text table: a header, a dashed rule, the rows; first column left-aligned, the rest right."""
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    return ["  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])])
+            for line in [header, ["-" * w for w in widths]] + rows]
+
+
+def print_table(header: List[str], rows: List[List[str]]) -> None:
+    """Prints :func:`table_lines`."""
+    print("\n".join(table_lines(header, rows)))

@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import numpy as np
 import torch
 
-from jobs.bench._common import merge_config
+from jobs.bench._common import merge_config, print_table
 
 DEFAULTS: Dict[str, Any] = {
     "repeats": 5,
@@ -276,10 +276,8 @@ def main(cfg: Dict[str, Any]) -> int:
                          f"{100 * (max(cpus) - min(cpus)) / cpu:.0f}%", "", f"{1e3 * init_s:.0f}"])
         for row in rows:
             row[5] = f"{rate['suite'] / rate[row[0]]:.2f}x"
-        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
         print()
-        for line in [header, ["-" * w for w in widths]] + rows:
-            print("  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]))
+        print_table(header, rows)
         print("CPU spread: (max - min) / median of a pass's thread CPU time")
 
         print("\nwhere the suite's time goes (cProfile on thread CPU time, one pass; cumulative ms per slice, "

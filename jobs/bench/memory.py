@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from jobs.bench._common import merge_config
+from jobs.bench._common import merge_config, print_table
 
 DEFAULTS: Dict[str, Any] = {
     "repeats": 3,
@@ -319,12 +319,6 @@ def _spread(rows: List[Dict[str, float]], key: str) -> float:
     return max(values) - min(values)
 
 
-def _print_table(header: List[str], rows: List[List[str]]) -> None:
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    for line in [header, ["-" * w for w in widths]] + rows:
-        print("  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]))
-
-
 def main(cfg: Dict[str, Any]) -> int:
     """Run the benchmark described by ``configs/bench/memory.yaml``.
 
@@ -417,7 +411,7 @@ def main(cfg: Dict[str, Any]) -> int:
             row.append(f"{r['cpu_s']:.2f}")
         table.append(row)
     print()
-    _print_table(header, table)
+    print_table(header, table)
     spreads = max(r["peak_spread"] for r in results.values())
     print(f"largest spread of the peak over repeats: {spreads:.2f} MiB")
 

@@ -22,6 +22,8 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
+from jobs.bench._common import print_table
+
 DEFAULTS: Dict[str, Any] = {
     "repeats": 5,
     "warmup": 1,
@@ -116,10 +118,7 @@ def _row(rows: List[List[str]], name: str, ours: float, ref: float, diff: float)
 
 def _print_table(rows: List[List[str]]) -> None:
     header = ["metric / workload", "ours ms", "reference ms", "speedup", "max |diff|"]
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    for line in [header, ["-" * w for w in widths]] + rows:
-        cells = [line[0].ljust(widths[0])] + [cell.rjust(wd) for cell, wd in zip(line[1:], widths[1:])]
-        print("  ".join(cells))
+    print_table(header, rows)
 
 
 def main(cfg: Dict[str, Any]) -> int:

@@ -51,6 +51,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from jobs.bench._common import table_lines
+
 BACKENDS = ("direct", "local", "submitit", "ray")
 SWEEP_NAME = "bench_orchestration"
 REPO = Path(__file__).resolve().parents[2]
@@ -252,10 +254,6 @@ def _measure(backend: str, run: Callable[[List[Any]], Any], sweep: Path, where: 
     return seconds, _unfinished(uri, cells)
 
 
-def _fmt_row(row: List[str], widths: List[int]) -> str:
-    return "  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])])
-
-
 def _summary(totals: Dict[str, List[float]], cfg: Dict[str, Any]) -> Tuple[List[str], Dict[str, float]]:
     """The result table's lines and each launcher's overhead per cell vs direct (seconds)."""
     n, w = cfg["cells"], cfg["workers"]
@@ -271,9 +269,7 @@ def _summary(totals: Dict[str, List[float]], cfg: Dict[str, Any]) -> Tuple[List[
         rows.append([backend, str(par), f"{t:.2f}", f"{t / n:.3f}", "-" if backend == "direct" else f"{over:+.3f}",
                      "-" if backend == "direct" else f"{(par * t - t_direct) / n:+.3f}",
                      " ".join(f"{x:.1f}" for x in ts)])
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    lines = [_fmt_row(header, widths), _fmt_row(["-" * x for x in widths], widths)]
-    return lines + [_fmt_row(r, widths) for r in rows], overhead
+    return table_lines(header, rows), overhead
 
 
 def main(cfg: Dict[str, Any]) -> int:

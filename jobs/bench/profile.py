@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import torch
 from torch import nn
 
-from jobs.bench._common import merge_config
+from jobs.bench._common import merge_config, print_table
 
 VARIANTS = ("baseline", "hook_ift", "channels_last", "phantom")
 EXACT_VARIANTS = ("hook_ift", "channels_last")  # same gradient as the baseline; "phantom" approximates it
@@ -260,12 +260,6 @@ def phase_table(clocks: List[Dict[str, float]], calls: Dict[str, int]) -> List[L
     return rows
 
 
-def _print_table(header: List[str], rows: List[List[str]]) -> None:
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    for line in [header, ["-" * w for w in widths]] + rows:
-        print("  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]))
-
-
 def main(cfg: Dict[str, Any]) -> int:
     """Run the benchmark described by ``configs/bench/profile.yaml``.
 
@@ -340,7 +334,7 @@ def main(cfg: Dict[str, Any]) -> int:
     base_stats = stats["baseline"]
     print(f"\nphase split of the baseline step (forward nstep {statistics.median(s['fwd_nstep'] for s in base_stats):.0f}"
           f", backward nstep {statistics.median(s['bwd_nstep'] for s in base_stats):.0f}):")
-    _print_table(["part", "CPU ms", "share", "calls"], phase_table(readings["baseline"], calls["baseline"]))
+    print_table(["part", "CPU ms", "share", "calls"], phase_table(readings["baseline"], calls["baseline"]))
 
     clock.reset()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -361,7 +355,7 @@ def main(cfg: Dict[str, Any]) -> int:
             rows.append([name, f"{1e3 * ms:.0f}", f"{base_ms / ms:.2f}x",
                          f"{statistics.median(s['fwd_nstep'] for s in st):.0f}",
                          f"{statistics.median(s['bwd_nstep'] for s in st):.0f}"])
-        _print_table(["variant", "CPU ms/step", "speed-up", "fwd nstep", "bwd nstep"], rows)
+        print_table(["variant", "CPU ms/step", "speed-up", "fwd nstep", "bwd nstep"], rows)
         for name in names[1:]:
             ms = statistics.median(r["step"] for r in readings[name])
             print(f"{name} speed-up over baseline: {base_ms / ms:.2f}x")

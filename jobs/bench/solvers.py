@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import numpy as np
 import torch
 
-from jobs.bench._common import merge_config
+from jobs.bench._common import merge_config, print_table
 
 SOLVER_NAMES = ("anderson", "broyden", "fixed_point_iter")
 # evaluations of f made before the first traced residual, minus one (see module docstring)
@@ -321,11 +321,9 @@ def _report(name: str, res: Dict[str, Dict[str, List[float]]], cfg: Dict[str, An
             row.append(f"{100 * statistics.median(rec[f'reached@{thr:g}']):.0f}%")
         row.append(f"{statistics.median(rec['ms_per_eval']):.2f}")
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     print(f"\n{name}: evaluations of f to relative residual (median over problems / worst problem, "
           "each the median over seeds; reached = share of problems)")
-    for line in [header, ["-" * w for w in widths]] + rows:
-        print("  ".join([line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:])]))
+    print_table(header, rows)
     speedups: Dict[str, str] = {}
     if "fixed_point_iter" not in res:
         return speedups
