@@ -170,7 +170,8 @@ def test_submitit_array_returns_every_result(slurm_cluster: str, tmp_path: Path)
     results = [r[0] for r in _submitit_results(jobs)]  # one task per array job
     assert [r[0] for r in results] == [x * x for x in inputs]
     assert sorted(r[1] for r in results) == ["0", "1", "2"]
-    assert set(job_states([j.job_id for j in jobs]).values()) == {"COMPLETED"}
+    # a task's result file appears just before Slurm ends the task: wait for the end, then check it
+    assert set(_wait_terminal([j.job_id for j in jobs]).values()) == {"COMPLETED"}
 
 
 def test_submitit_two_task_gloo_ddp_all_reduce(slurm_cluster: str, tmp_path: Path) -> None:
