@@ -92,6 +92,7 @@ def deq_kwargs(deq: DEQConfig) -> dict[str, Any]:
         ift=deq.grad == "ift",
         grad=deq.phantom_steps,
         tau=deq.tau,
+        eval_f_max_iter=deq.eval_max_iter,
     )
 
 
@@ -121,22 +122,35 @@ class DEQINR(nn.Module):
         self.last_bwd_nstep = float(info["nstep"].float().mean())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Solves from zero for the fixed point and decodes it: :meth:`solve` without its state."""
+        pred, stats, _ = self.solve(x)
+        return pred, stats
+
+    def solve(self, x: torch.Tensor, z0: torch.Tensor | None = None,
+              max_iter: int | None = None) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
         """Solves for the fixed point and decodes it.
 
         Args:
             x: ``(N, in_dim)`` coordinates in [-1, 1].
+            z0: ``(N, hidden)`` initial state (a warm start); None: zeros.
+            max_iter: forward-solver iterations for this call (0: no solve, start
+                from ``z0`` and let the gradient's steps advance it); None: the
+                configured ``f_max_iter`` (training) or ``eval_max_iter`` (eval).
 
         Returns:
-            ``(N, out_dim)`` prediction in model space ([-1, 1] for images) and the
+            ``(N, out_dim)`` prediction in model space ([-1, 1] for images); the
             solver statistics ``nstep``, ``abs_lowest``, ``rel_lowest`` (batch means;
-            in eval mode also ``rel_trace``, the relative residual per solver step).
+            in eval mode also ``rel_trace``, the relative residual per solver step);
+            and the ``(N, hidden)`` state that was decoded, detached (for a cache).
         """
         u = self.filters(x)
         if self.norm != "none":
             reset_norm(self.f)
-        z0 = torch.zeros(x.shape[0], self.hidden, device=x.device, dtype=x.dtype)
-        z_out, info = self.deq(lambda z: self.f(z, u), z0, backward_writer=self._bwd_writer)
+        if z0 is None:
+            z0 = torch.zeros(x.shape[0], self.hidden, device=x.device, dtype=x.dtype)
+        kwargs = None if max_iter is None else {"f_max_iter": max_iter}
+        z_out, info = self.deq(lambda z: self.f(z, u), z0, solver_kwargs=kwargs, backward_writer=self._bwd_writer)
         stats: dict[str, Any] = {k: float(info[k].float().mean()) for k in ("nstep", "abs_lowest", "rel_lowest")}
-        if not self.training:
+        if not self.training and "rel_trace" in info:
             stats["rel_trace"] = info["rel_trace"].float().mean(0).tolist()
-        return self.head(z_out[-1]), stats
+        return self.head(z_out[-1]), stats, z_out[-1].detach()

@@ -44,6 +44,7 @@ from suite.training.common import (
     log_run_files, peak_memory_mb, pick_device, reset_peak_memory, rng_state, save_png, set_rng_state,
 )
 from suite.training.tracker import Tracker
+from suite.training.warm_start import Recipe, evaluate_grid, recipe_step
 
 
 class DivergedError(RuntimeError):
@@ -62,22 +63,6 @@ class Progress:
 
 def _psnr(pred_img: torch.Tensor, data: ImageData) -> float:
     return float(M.psnr(pred_img, data.image)[0])
-
-
-@torch.no_grad()
-def predict_image(fn: Callable[[torch.Tensor], torch.Tensor], data: ImageData, chunk: int = 1 << 18) -> torch.Tensor:
-    """Evaluates a pixel model over the whole grid.
-
-    Args:
-        fn: ``(N, 2)`` coordinates → ``(N, 1)`` prediction in [-1, 1].
-        data: the image being fitted.
-        chunk: pixels per forward pass (bounds memory at 512×512 and up).
-
-    Returns:
-        ``(1, 1, H, W)`` prediction in [0, 1] (data parallel: each rank predicts
-        its shard of the pixels and every rank gets the whole image).
-    """
-    return pixels_to_image(_on_grid(lambda s: fn(data.coords[s]), data.coords.shape[0], chunk), *data.shape)
 
 
 @torch.no_grad()
@@ -135,37 +120,32 @@ def _ddp_step(model: nn.Module, opt: torch.optim.Optimizer, forward: Callable[[s
     return row
 
 
-def _deq_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: ImageData, batches: list, stage: int, epoch: int) -> dict[str, float]:
-    """One epoch of stage 1; returns loss and solver statistics averaged over batches."""
+def _deq_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: ImageData, batches: list, stage: int, epoch: int,
+               recipe: Recipe) -> dict[str, float]:
+    """One epoch of stage 1; returns loss and solver statistics averaged over batches.
+
+    Optimiser step ``s = epoch · len(batches) + b`` decides, through ``recipe``,
+    whether the forward solver runs; warm starts come from and go to its cache.
+    """
     model.train()
     sums: dict[str, float] = {}
-    for idx in batches:
+    for b, idx in enumerate(batches):
         x = data.coords if idx is None else data.coords[idx]
         y = data.target if idx is None else data.target[idx]
+        forward, commit = recipe_step(model, recipe, x, idx, epoch * len(batches) + b)
         if D.is_distributed():
-
-            def forward(s: slice) -> tuple[torch.Tensor, dict]:
-                pred, stats = model(x[s])
-                return pred, {"solver/fwd_nstep": stats["nstep"], "solver/abs_lowest": stats["abs_lowest"],
-                              "solver/rel_lowest": stats["rel_lowest"]}
-
             # The backward solver's step count is known after backward: reduce it separately.
             row = _ddp_step(model, opt, forward, y, stage, epoch)
             row["solver/bwd_nstep"] = D.reduce_mean({"b": getattr(model, "last_bwd_nstep", 0.0)})["b"]
         else:
-            pred, stats = model(x)
+            pred, stats = forward(slice(None))
             loss = torch.mean((pred - y) ** 2)
             _check_finite(loss, stage, epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            row = {
-                "loss": loss.item(),
-                "solver/fwd_nstep": stats["nstep"],
-                "solver/bwd_nstep": getattr(model, "last_bwd_nstep", 0.0),
-                "solver/abs_lowest": stats["abs_lowest"],
-                "solver/rel_lowest": stats["rel_lowest"],
-            }
+            row = {"loss": loss.item(), "solver/bwd_nstep": getattr(model, "last_bwd_nstep", 0.0), **stats}
+        commit()
         for k, v in row.items():
             sums[k] = sums.get(k, 0.0) + v
     return {k: v / len(batches) for k, v in sums.items()}
@@ -256,12 +236,14 @@ def fit_inr(
     gen = torch.Generator().manual_seed(cfg.seed)
     prog = Progress()
     opt = torch.optim.Adam(deq.parameters(), lr=cfg.train.lr)
+    recipe = Recipe(cfg.deq, data.coords.shape[0], deq.hidden, device)
     state = ckpt.latest() if ckpt else None
     if state is not None:
         prog = Progress(**state["progress"])
         model.load_state_dict(state["model"])
         gen.set_state(state["gen"])
         set_rng_state(state["rng"])
+        recipe.load_state_dict(state.get("recipe"))
         if prog.stage == 1:
             opt.load_state_dict(state["opt"])
     D.broadcast_module(model)  # data parallel: every rank starts from rank 0's weights
@@ -273,20 +255,20 @@ def fit_inr(
         D.save_checkpoint(  # rank 0 writes
             ckpt,
             {"progress": vars(prog).copy(), "model": model.state_dict(), "opt": opt_.state_dict(),
-             "gen": gen.get_state(), "rng": rng_state()},
+             "gen": gen.get_state(), "rng": rng_state(), "recipe": recipe.state_dict()},
             step,
         )
 
-    deq_fn = lambda x: deq(x)[0]  # noqa: E731
     e1 = cfg.train.epochs
     if prog.stage == 1:
         for epoch in range(prog.epoch, e1):
             t0 = time.perf_counter()
-            row = _deq_epoch(deq, opt, data, _batches(data.coords.shape[0], cfg.train.batch_size, gen, device), 1, epoch)
+            batches = _batches(data.coords.shape[0], cfg.train.batch_size, gen, device)
+            row = _deq_epoch(deq, opt, data, batches, 1, epoch, recipe)
             row["time/epoch_s"] = time.perf_counter() - t0
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == e1:
-                deq.eval()
-                row["psnr"] = _psnr(predict_image(deq_fn, data), data)
+                y_pix, ev = evaluate_grid(deq, data.coords, recipe)
+                row.update(ev, psnr=_psnr(pixels_to_image(y_pix, *data.shape), data))
             tracker.log_metrics({**row, "stage": 1.0}, step=epoch)
             prog.epoch = epoch + 1
             if ckpt and ckpt.due(prog.epoch) and prog.epoch < e1 + (cfg.crr.epochs if is_crr else 0):
@@ -295,13 +277,13 @@ def fit_inr(
         mem_train = peak_memory_mb(device)
         prog.best["stage1_mem"] = mem_train
 
-    deq.eval()
+    y_deq_pix, eval_stats = evaluate_grid(deq, data.coords, recipe)
     with torch.no_grad():
-        y_deq_pix = _on_grid(lambda s: deq(data.coords[s])[0], data.coords.shape[0])
-        _, stats = deq(data.coords[: min(4096, data.coords.shape[0])])
+        k = min(4096, data.coords.shape[0])
+        _, stats, _ = deq.solve(data.coords[:k], z0=recipe.cache[:k] if recipe.eval_from_cache else None)
     stage1_img = pixels_to_image(y_deq_pix, *data.shape)
     stage1_psnr = _psnr(stage1_img, data)
-    trace = {"eval_rel_trace": stats["rel_trace"], "eval_nstep": stats["nstep"]}
+    trace = {"eval_rel_trace": stats["rel_trace"], "eval_nstep": stats["nstep"], "eval_init": cfg.deq.eval_init}
     final_img = stage1_img
 
     if is_crr:
@@ -343,7 +325,7 @@ def fit_inr(
     results = final_metrics(final_img, data.image, cfg.eval)
     results["mem/peak_mb"] = peak_memory_mb(device)
     results["time/total_s"] = time.perf_counter() - t_start
-    results["solver/eval_nstep"] = stats["nstep"]
+    results.update(eval_stats)  # solver/eval_nstep, solver/eval_abs_lowest, solver/eval_rel_lowest
     if is_crr:
         results["stage1/psnr"] = stage1_psnr
         results["crr/gain_db"] = results["psnr"] - stage1_psnr
