@@ -21,7 +21,8 @@ Every number is computed with :mod:`suite.metrics` on the run's ``images.pt``
 artifact (``ground_truth``, ``reconstruction`` and, when recorded, ``stage1``
 (CRR) and ``zero_filled`` (DE-Prox): tensors ``(1, C, H, W)``, ``C`` the slices
 of an MRI volume), with the run's own metric settings (params
-``eval.hfe_cutoff``, ``eval.hfe_mode``, ``eval.sr_threshold``; the metric
+``eval.hfe_cutoff``, ``eval.hfe_mode``, ``eval.sr_threshold``, resolved from
+``eval.preset`` when one was used, which the report names; the metric
 defaults when absent), so it equals what the metric module gives on those
 images. PSNR/SSIM use the ground truth's range for images and the volume's
 maximum for DE-Prox (fastMRI). A run without ``images.pt`` falls back to its
@@ -102,13 +103,14 @@ ARTIFACT_DIR = "report"
 _QUANTITIES = ("psnr", "ssim", "hfe", "hfe_residual", "sr")
 CHARACTERISTIC_COLUMNS = (
     "image", "run_id", "run_name", "family", "seed", "volume", "slices", "height", "width", "source",
-    "hfe_cutoff", "hfe_mode", "sr_threshold", "hfe_gt", "gain_db",
+    "hfe_cutoff", "hfe_mode", "sr_threshold", "preset", "hfe_gt", "gain_db",
     *(f"{q}_{o}" for q in _QUANTITIES for o in OUTPUTS),
 )
 """Columns of ``signal_characteristics.csv``. ``*_zero_filled``: ``A^H y`` (DE-Prox);
 ``*_stage1``: the frozen DEQ (CRR); ``*_final``: the run's output; ``hfe_residual_*``:
 HFE of ``gt - output``; ``gain_db = psnr_final - psnr_stage1``. PSNR in dB, HFE and
-SR in %; NaN where not recorded. ``volume``: the MRI volume's file (DE-Prox)."""
+SR in %; NaN where not recorded. ``volume``: the MRI volume's file (DE-Prox).
+``preset``: the run's ``eval.preset`` (``none`` when not used or not logged)."""
 SUMMARY_COLUMNS = (
     "image", "family", "run_name",
     "psnr_zero_filled", "psnr_stage1", "psnr_final", "gain_db", "hfe_gt", "hfe_zero_filled", "hfe_stage1",
@@ -136,11 +138,13 @@ class SpectralSettings:
         hfe_cutoff: disk radius as a fraction of the Nyquist radius.
         hfe_mode: ``"power"`` or ``"magnitude"``.
         sr_threshold: fraction of the ground truth's range.
+        preset: the ``eval.preset`` the three values came from, or ``"none"``.
     """
 
     hfe_cutoff: float = _default(M.hfe, "cutoff")
     hfe_mode: str = _default(M.hfe, "mode")
     sr_threshold: float = _default(M.significant_residuals, "threshold")
+    preset: str = "none"
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "SpectralSettings":
@@ -156,6 +160,7 @@ class SpectralSettings:
             hfe_cutoff=get("eval.hfe_cutoff", base.hfe_cutoff, float),
             hfe_mode=get("eval.hfe_mode", base.hfe_mode, str),
             sr_threshold=get("eval.sr_threshold", base.sr_threshold, float),
+            preset=get("eval.preset", base.preset, str),
         )
 
 
@@ -784,8 +789,12 @@ def shown_columns(summary: "pd.DataFrame") -> list[str]:
 
 
 def _settings_note(df: "pd.DataFrame") -> str:
-    parts = sorted({f"HFE outside {r.hfe_cutoff:g} x Nyquist ({r.hfe_mode}), SR > {100 * r.sr_threshold:g} % of range"
-                    for r in df.itertuples()})
+    def preset(r: Any) -> str:
+        name = getattr(r, "preset", "none")
+        return "" if not isinstance(name, str) or name in ("", "none") else f"; preset {name}"
+
+    parts = sorted({f"HFE outside {r.hfe_cutoff:g} x Nyquist ({r.hfe_mode}{preset(r)}), "
+                    f"SR > {100 * r.sr_threshold:g} % of range" for r in df.itertuples()})
     return "Definitions: " + "; ".join(parts) + ". PSNR in dB, HFE and SR in %. " \
         "'stage1' = frozen DEQ (CRR stage 1), 'final' = the run's output, 'residual' = gt - output."
 
@@ -838,6 +847,7 @@ def _image_report(
         "width": int(images.ground_truth.shape[-1]) if images else None,
         "source": images.source if images else "not recorded",
         "hfe_cutoff": settings.hfe_cutoff, "hfe_mode": settings.hfe_mode, "sr_threshold": settings.sr_threshold,
+        "preset": settings.preset,
     }
     values = signal_characteristics(images, settings, family) if images else {}
     chars.update({c: values.get(c, math.nan) for c in CHARACTERISTIC_COLUMNS if c not in chars})

@@ -101,3 +101,20 @@ def test_exponent_without_dot_is_a_float():
     assert load_config(None, ["train.lr=1e-3"]).train.lr == 1e-3
     with pytest.raises(ConfigError, match="train.lr.*number"):
         load_config(None, ["train.lr=1e-3x"])
+
+
+def test_eval_preset_crr_paper_sets_the_three_definition_keys():
+    cfg = load_config(None, ["eval.preset=crr_paper", "eval.hfe_cutoff=0.4"])  # the preset wins
+    assert (cfg.eval.hfe_mode, cfg.eval.hfe_cutoff, cfg.eval.sr_threshold) == ("magnitude", 0.12, 0.05)
+    flat = flatten(cfg)  # what is logged as MLflow params: the resolved values and the preset's name
+    assert (flat["eval.preset"], flat["eval.hfe_mode"], flat["eval.hfe_cutoff"]) == ("crr_paper", "magnitude", 0.12)
+    assert replace(cfg, seed=1).eval == cfg.eval
+    default = load_config(None).eval
+    assert (default.preset, default.hfe_mode, default.hfe_cutoff, default.sr_threshold) == ("none", "power", 0.25, 0.05)
+
+
+def test_invalid_eval_preset_names_key_and_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["eval.preset=crr"])
+    for word in ("eval.preset", "'crr'", "none", "crr_paper"):
+        assert word in str(err.value)
