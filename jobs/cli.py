@@ -132,12 +132,12 @@ def cmd_data(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     import importlib
 
-    import yaml
+    from suite.config import read_yaml
 
     if a.config and not Path(a.config).is_file():
         raise ValueError(f"--config {a.config!r}: no such benchmark config file")
     cfg_path = Path(a.config or f"configs/bench/{a.name}.yaml")
-    cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.is_file() else {}
+    cfg = read_yaml(cfg_path) if cfg_path.is_file() else {}
     import pkgutil
 
     import jobs.bench
@@ -162,9 +162,19 @@ def cmd_ui(a: argparse.Namespace) -> int:
     return subprocess.call(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deqbench")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``deqbench`` argument parser."""
     p = argparse.ArgumentParser(prog="deqbench", description="Benchmark Deep Equilibrium models in imaging.")
+    p.add_argument("--version", action="version", version=f"deqbench {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("run", help="run one experiment in this process")

@@ -326,13 +326,12 @@ def load_launcher_config(path: "str | Path", *, check_cluster: bool = True) -> D
         TypeError, ValueError, RuntimeError: see :func:`validate_launcher_config`;
             the message names the file.
     """
-    import yaml
+    from suite.config import read_yaml
 
     path = Path(path)
-    with path.open() as fh:
-        config = yaml.safe_load(fh)
-    if config is None:
-        config = {}
+    if not path.is_file():
+        raise FileNotFoundError(f"launcher config not found: {path}")
+    config = read_yaml(path)  # a malformed file or a non-mapping: one line naming file, line and column
     try:
         return validate_launcher_config(config, check_cluster=check_cluster)
     except (TypeError, ValueError, RuntimeError) as err:

@@ -104,12 +104,12 @@ def validate_config(config: Any, where: str = "launcher config") -> dict[str, An
 
 def load_config(args: argparse.Namespace) -> dict[str, Any]:
     """The ``--launcher-config`` file, validated (an empty config without one: a local Ray)."""
-    import yaml
+    from suite.config import read_yaml
 
     path = getattr(args, "launcher_config", None)
     if not path:
         return {}
-    return validate_config(yaml.safe_load(Path(path).read_text()), str(path))
+    return validate_config(read_yaml(path), str(path))
 
 
 def import_ray() -> Any:
