@@ -211,6 +211,10 @@ def run_cell(cell: Cell, wrap_tracker: Callable[[Any], Any] | None = None) -> di
                          early_stopped=False,
                          slurm_job_id=_slurm_job_id())
             tracker.log_artifact(workdir / "config.yaml")
+            diff = tracking.git_diff()
+            if diff:  # the run's code is not a commit: keep what differed from it
+                (workdir / "git_diff.patch").write_text(diff)
+                tracker.log_artifact(workdir / "git_diff.patch")
         D.barrier()  # the other ranks resume from the checkpoint rank 0 kept (or cleared)
         model = build_model(cfg)
         data = load_data(cfg)

@@ -92,13 +92,26 @@ def finished_hashes(uri: str, name: str) -> set[str]:
     return {h for h, run in runs_by_hash(uri, name).items() if run.info.status == "FINISHED"}
 
 
-def _git_commit() -> str:
+SOURCE_DIR = Path(__file__).resolve().parent  # whose git state runs record
+
+
+def _git(*args: str) -> str | None:
+    """Output of ``git ARGS`` in the package's checkout; None outside one (or without git)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=SOURCE_DIR)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _git_commit() -> str:
+    return (_git("rev-parse", "HEAD") or "").strip() or "unknown"
+
+
+def git_diff() -> str | None:
+    """The uncommitted changes to tracked files (``git diff HEAD``); None when the tree is clean or unknown."""
+    diff = _git("diff", "HEAD")
+    return diff if diff else None
 
 
 def run_tags(cell_hash: str, family: str, world_size: int) -> dict[str, str]:
@@ -113,6 +126,7 @@ def run_tags(cell_hash: str, family: str, world_size: int) -> dict[str, str]:
         "world_size": str(world_size),
         "torch_threads": str(torch.get_num_threads()),  # per rank: timings depend on it
         "git_commit": _git_commit(),
+        "git_dirty": {None: "unknown", "": "false"}.get(_git("status", "--porcelain", "--untracked-files=no"), "true"),
         "host": socket.gethostname(),
         "python": platform.python_version(),
     }

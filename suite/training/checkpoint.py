@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 _NAME = re.compile(r"ckpt_(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """Checkpoints exist but none can be loaded; the message names each file and why."""
 
 
 class Checkpointer:
@@ -70,8 +75,27 @@ class Checkpointer:
             path.unlink(missing_ok=True)
 
     def latest(self) -> dict[str, Any] | None:
-        """The newest checkpoint, or None when there is none."""
+        """The newest checkpoint that loads, or None when there is none.
+
+        A file that cannot be loaded (truncated by a kill, corrupted, not a
+        checkpoint) is reported on stderr and skipped, so training resumes from
+        the previous good one.
+
+        Raises:
+            CheckpointError: checkpoints exist but none of them loads.
+        """
         files = self._files()
-        if not files:
-            return None
-        return torch.load(files[-1][1], map_location="cpu", weights_only=False)
+        bad = []
+        for _, path in reversed(files):
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as err:  # noqa: BLE001 - any unreadable file is skipped the same way
+                bad.append(f"{path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+                print(f"deqbench: skipping unreadable checkpoint {bad[-1]}", file=sys.stderr)
+                continue
+            if isinstance(state, dict) and "progress" in state:
+                return state
+            bad.append(f"{path} (not a training checkpoint)")
+        if bad:
+            raise CheckpointError(f"no readable checkpoint in {self.directory}: {'; '.join(bad)}")
+        return None

@@ -161,3 +161,13 @@ def _node_pid(workdir, timeout=60):
         except (OSError, KeyError, ValueError):
             time.sleep(0.1)
     raise AssertionError("node job never reported its pid")
+
+
+def test_run_records_whether_the_tree_was_dirty_and_its_diff(sweep_dir):
+    tmp, _ = sweep_dir
+    client, found = runs(tmp, "t_sweep")
+    run = next(r for r in found if r.info.status == "FINISHED")
+    dirty = run.data.tags["git_dirty"]
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert dirty in ("true", "false")
+    assert (dirty == "true") == ("git_diff.patch" in arts)
