@@ -240,7 +240,10 @@ def main(cfg: Dict[str, Any]) -> int:
     ref = rows[0]
     for r in rows[1:]:
         if cfg["recipes"][r["recipe"]].get("compare_with_reference"):
-            print(f"{r['recipe']} / reference loop: {r['s_per_step'] / ref['s_per_step']:.3f}x per step, "
+            r["ratio_step"] = r["s_per_step"] / ref["s_per_step"]
+            r["ratio_wall"] = (r["wall_s"] / r["steps"]) / (ref["wall_s"] / ref["steps"])
+            print(f"{r['recipe']} / reference loop: {r['ratio_step']:.3f}x per training step, "
+                  f"{r['ratio_wall']:.3f}x wall per step (evaluations, checkpoints, tracking included), "
                   f"PSNR@1000 {r['psnr_1000'] - ref['psnr_1000']:+.3f} dB", flush=True)
     plot(runs, Path(cfg["figure"]), cfg["target_db"])
     Path(cfg["out"]).write_text(json.dumps({"config": cfg, "r1_offset_db": r1_offset, "runs": runs, "summary": rows},
