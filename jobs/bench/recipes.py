@@ -25,6 +25,7 @@ as TorchDEQ's script does. A figure (``figure``) and JSON (``out``) are written.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -130,25 +131,26 @@ def suite_run(spec: Dict[str, Any], cfg: Dict[str, Any], seed: int) -> Dict[str,
             "model.hidden": cfg["hidden"], "train.lr": cfg["lr"], "train.eval_every": cfg["eval_every"],
             "train.epochs": spec["steps"], "train.batch_size": -1, "seed": seed, **(spec.get("set") or {})}
     exp = load_config(spec["experiment"], sets)
-    tracker = MemoryTracker()
+
+    class Progress(MemoryTracker):
+        """Prints each evaluation as it is logged (long runs are not silent)."""
+
+        def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+            super().log_metrics(metrics, step)
+            if "psnr" in metrics and step is not None and step < exp.train.epochs:
+                print(f"    step {step + 1}: {metrics['psnr']:.2f} dB, {sum(self.series('time/epoch_s')):.0f} s trained",
+                      flush=True)
+
+    tracker = Progress()
     torch.manual_seed(seed)
     model, data = build_model(exp), load_data(exp)
     with tempfile.TemporaryDirectory() as tmp:
         fit(exp, model, data, tracker, ckpt=Checkpointer(tmp, exp.train.ckpt_every))
     step_s = tracker.series("time/epoch_s")
-    cum = dict(zip(range(len(step_s)), itertools_accumulate(step_s)))
+    cum = dict(enumerate(itertools.accumulate(step_s)))
     curve = [(int(s) + 1, cum[int(s)], v) for s, v in tracker.history["psnr"] if s is not None and int(s) < len(step_s)]
     return {"curve": curve, "step_s": step_s, "wall_s": time.perf_counter() - t_wall,
             "eval_rel_lowest": tracker.last("solver/eval_rel_lowest")}
-
-
-def itertools_accumulate(xs: List[float]) -> List[float]:
-    """Running sums of ``xs``."""
-    out, total = [], 0.0
-    for v in xs:
-        total += v
-        out.append(total)
-    return out
 
 
 def _to_target(curve: List[tuple], target: float) -> tuple[float, float]:
