@@ -27,7 +27,7 @@ LAUNCHERS: Registry[type] = Registry("launcher")
 
 @LAUNCHERS.register("local")
 class LocalLauncher:
-    """Parallel local processes (see :mod:`jobs.launchers.local`)."""
+    """Parallel local processes, one GPU set per cell on a GPU machine (see :mod:`jobs.launchers.local`)."""
 
     def launch(self, cells: list[Cell], args: argparse.Namespace) -> list[dict[str, Any]]:
         from jobs.launchers.local import submit
@@ -35,7 +35,10 @@ class LocalLauncher:
         return submit(cells, workers=getattr(args, "workers", None))
 
     def dry_run(self, cells: list[Cell], args: argparse.Namespace) -> None:
+        from jobs.launchers.local import plan
+
         print("local launcher: each cell runs `python -m jobs.node <workdir>/cell.json`")
+        print(plan(cells, getattr(args, "workers", None))[3])
 
 
 @LAUNCHERS.register("submitit")
