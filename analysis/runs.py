@@ -19,6 +19,9 @@ One row per run. Columns, in this order:
 column names of each kind; :mod:`analysis.table` uses it to tell params from
 metrics.
 
+:func:`load_histories` reads each run's logged series of some metrics (one
+value per step, the epoch), for tables that take the best of a series.
+
 Runs come either from MLflow or from a file written by
 :func:`analysis.export.export_runs`; both give the same table. mlflow and pandas
 are imported inside the functions so that the CLI starts fast.
@@ -161,6 +164,81 @@ def fetch_records(experiment: str, tracking_uri: str | None = None) -> list[RunR
         if not token:
             break
     return sort_records(records)
+
+
+def load_histories(
+    experiment: str,
+    run_ids: Iterable[str],
+    metrics: Iterable[str],
+    tracking_uri: str | None = None,
+    source: str | Path | None = None,
+) -> dict[tuple[str, str], list[float]]:
+    """Each run's logged series of some metrics (one value per step; the step is the epoch).
+
+    Args:
+        experiment: the MLflow experiment (sweep) name.
+        run_ids: the runs to read.
+        metrics: metric keys.
+        tracking_uri: MLflow tracking URI; see :func:`resolve_tracking_uri`.
+            Ignored with ``source``.
+        source: an export file to read instead of MLflow; it must hold one row
+            per step (more than one row for some run and metric).
+
+    Returns:
+        ``(run_id, metric) -> values`` in step order (ties: logging order);
+        pairs that were never logged are absent.
+
+    Raises:
+        ValueError: missing store or file, or an export holding only final
+            values (one row per run and metric).
+    """
+    run_ids, metrics = list(run_ids), list(metrics)
+    if not run_ids or not metrics:
+        return {}
+    if source is not None:
+        return _export_histories(Path(source), experiment, run_ids, metrics)
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(tracking_uri)
+    _check_sqlite_store(uri)
+    client = MlflowClient(tracking_uri=uri)
+    out: dict[tuple[str, str], list[float]] = {}
+    for run_id in run_ids:
+        for key in metrics:
+            history = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+            if history:
+                out[(run_id, key)] = [float(m.value) for m in history]
+    return out
+
+
+def _export_histories(
+    path: Path, experiment: str, run_ids: list[str], metrics: list[str]
+) -> dict[tuple[str, str], list[float]]:
+    """Series from the per-step rows of a long-format export (see :func:`load_histories`)."""
+    import pandas as pd
+
+    if path.suffix.lower() not in EXPORT_SUFFIXES or not path.is_file():
+        raise ValueError(
+            f"export file {str(path)!r} does not exist or does not end in one of {list(EXPORT_SUFFIXES)}"
+        )
+    cols = ["experiment", "run_id", "metric", "value", "step"]
+    if path.suffix.lower() == ".parquet":
+        long = pd.read_parquet(path, columns=cols)
+    else:
+        long = pd.read_csv(path, usecols=cols, dtype=str, keep_default_na=False, na_values=[""])
+    long = long[(long["experiment"] == experiment) & long["metric"].notna()]
+    if not long.duplicated(["run_id", "metric"]).any():
+        raise ValueError(
+            f"{str(path)!r} holds one value per run and metric (the final one), not the logged "
+            "series that agg 'best' needs; read the runs from MLflow instead (no --source)"
+        )
+    long = long[long["run_id"].astype(str).isin(run_ids) & long["metric"].astype(str).isin(metrics)]
+    long = long.assign(step=pd.to_numeric(long["step"]), value=pd.to_numeric(long["value"]))
+    long = long.sort_values("step", kind="stable")
+    return {
+        (str(run_id), str(key)): [float(v) for v in rows["value"]]
+        for (run_id, key), rows in long.groupby(["run_id", "metric"], sort=False)
+    }
 
 
 def sort_records(records: Iterable[RunRecord]) -> list[RunRecord]:

@@ -5,8 +5,13 @@ its column groups (``model.solver``, may be empty) and metric names
 (``psnr``, ``solver/fwd_nstep``). Each cell aggregates the runs that share the
 row and column values:
 
-- value: mean ± sample standard deviation (``ddof=1``) over seeds. A cell with a
-  single seed shows its mean only (no "± 0"), and its n marks it.
+- run value: a run's final (last logged) value of the metric; with
+  ``agg="best"`` (per metric: ``"psnr=best"``) the best of its logged series,
+  max or min by direction (:mod:`analysis.stats`).
+- value: mean ± sample standard deviation (``ddof=1``) over seeds; with
+  ``ci=True`` mean ± the half-width of the 95 % Student-t interval,
+  ``t_{0.975, n-1} · s / sqrt(n)``. A cell with a single seed shows its mean
+  only (no "± 0"), and its n marks it.
 - n: the number of seeds with a value. The note under the table states the
   usual n; a cell with a different n carries ``(n=…)``.
 - missing: a row × column combination without runs (or whose runs did not log
@@ -14,7 +19,10 @@ row and column values:
 - best: per column, the best displayed mean is bold (``**x**`` in Markdown,
   ``\\bfseries`` in LaTeX), compared as displayed; ties are all bold; a column
   whose values are all equal, has fewer than two values, or whose metric has no
-  direction has no bold. Directions: :data:`DIRECTIONS`.
+  direction has no bold. Directions: :data:`DIRECTIONS`. With ``bold="tied"``
+  every cell not significantly worse than a best one is bold too: one-sided
+  Welch t-test over seeds, p >= 0.05, at least two seeds on both sides.
+  The note under the table states which spread, rule and agg were used.
 
 Runs of the same configuration and seed (re-runs) count once: the newest is kept.
 Runs that share a seed but differ in a param that is neither a row nor a
@@ -24,48 +32,58 @@ ValueError naming the params that differ.
 CSV is for machines: one row per row combination, and per column and metric
 three numeric columns ``<metric> mean``, ``<metric> std``, ``<metric> n``
 (``<metric> (<key>=<value>) mean`` with column keys), rounded like the other
-formats; a missing cell has n = 0 and empty mean and std; no bold.
+formats; a missing cell has n = 0 and empty mean and std; no bold. With
+``ci=True`` a ``<metric> ci95`` column (the half-width) follows the std.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 import numbers
 from collections import Counter
-from dataclasses import dataclass
-from fnmatch import fnmatchcase
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from analysis.stats import (  # noqa: F401  (DIRECTIONS, DEFAULT_DIRECTION: re-exported)
+    ALPHA,
+    BOLD_CHOICES,
+    CI_LEVEL,
+    DEFAULT_DIRECTION,
+    DIRECTION_CHOICES,
+    DIRECTIONS,
+    Cell,
+    aggregate,
+    apply_agg,
+    bold_rows,
+    ci_half_width,
+    column_kinds,
+    format_key_value,
+    metric_direction,
+    parse_agg,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
 FORMATS = ("md", "latex", "csv")
-DIRECTION_CHOICES = ("max", "min", "none")
-
-DIRECTIONS: dict[str, str] = {
-    "nmse": "min",
-    "loss": "min",
-    "sr": "min",
-    "solver/*": "min",
-    "mem/*": "min",
-    "time/*": "min",
-    "hfe": "none",
-}
-"""Which way is better, by metric key or ``fnmatch`` pattern: ``max`` (higher is
-better), ``min`` (lower is better) or ``none`` (no best is marked: HFE is a
-property of the output, not a score). Looked up on the full key, then on its
-last ``/`` segment (so ``noise/0.1/nmse`` is ``min``); anything else is
-:data:`DEFAULT_DIRECTION`. Callers override with ``directions=``."""
-
-DEFAULT_DIRECTION = "max"
 DEFAULT_DECIMALS = 2
 MISSING_MD = "—"
 MISSING_LATEX = "---"
 
-_RESERVED = ("run_id", "experiment", "run_name", "status", "start_time")
+_CI_TEXT = {  # by tex
+    False: f"half-width of the {CI_LEVEL:.0%} confidence interval (Student's t, n−1 degrees of "
+           "freedom: t·s/√n)",
+    True: rf"half-width of the {CI_LEVEL * 100:g}\,\% confidence interval (Student's $t$, $n-1$ "
+          r"degrees of freedom: $t\,s/\sqrt{n}$)",
+}
+_TIED_TEXT = {  # by tex
+    False: ", and every value not significantly worse than it (one-sided Welch's t-test over "
+           f"seeds, α = {ALPHA:g}; with fewer than 2 seeds only the best)",
+    True: ", and every value not significantly worse than it (one-sided Welch's $t$-test over "
+          rf"seeds, $\alpha = {ALPHA:g}$; with fewer than 2 seeds only the best)",
+}
 _ARROWS_MD = {"max": " ↑", "min": " ↓", "none": ""}
 _ARROWS_LATEX = {"max": r" $\uparrow$", "min": r" $\downarrow$", "none": ""}
 _LATEX_SPECIAL = {
@@ -85,62 +103,9 @@ _LATEX_SPECIAL = {
 }
 
 
-@dataclass(frozen=True)
-class Cell:
-    """Aggregate of one metric over the seeds of one row × column combination.
-
-    Attributes:
-        n: number of seeds with a value (0: missing cell).
-        mean: mean over seeds (NaN when n = 0).
-        std: sample standard deviation, ddof=1 (NaN when n < 2).
-    """
-
-    n: int
-    mean: float
-    std: float
-
-
-def metric_direction(metric: str, overrides: Mapping[str, str] | None = None) -> str:
-    """Whether higher (``max``) or lower (``min``) is better for a metric, or ``none``.
-
-    Args:
-        metric: metric key, e.g. ``psnr`` or ``solver/fwd_nstep``.
-        overrides: key or ``fnmatch`` pattern -> direction, consulted before
-            :data:`DIRECTIONS`.
-
-    Returns:
-        ``"max"``, ``"min"`` or ``"none"``.
-    """
-    tables = [dict(overrides or {}), DIRECTIONS]
-    for table in tables:
-        if metric in table:
-            return table[metric]
-        for pattern, direction in table.items():
-            if fnmatchcase(metric, pattern):
-                return direction
-    last = metric.rsplit("/", 1)[-1]
-    for table in tables:
-        if last in table:
-            return table[last]
-    return DEFAULT_DIRECTION
-
-
 def latex_escape(text: str) -> str:
     """Escape LaTeX's special characters (``_ % & $ # { } ~ ^ \\ < > |``) in plain text."""
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
-
-
-def _kinds(df: "pd.DataFrame") -> tuple[list[str], list[str]]:
-    """(params, metrics) column names: from ``df.attrs`` (set by load_runs) when valid, else guessed."""
-    import pandas as pd
-
-    params, metrics = df.attrs.get("params"), df.attrs.get("metrics")
-    if isinstance(params, list) and isinstance(metrics, list):
-        if all(c in df.columns for c in params + metrics):
-            return list(params), list(metrics)
-    free = [c for c in df.columns if c not in _RESERVED and not str(c).startswith("tag.")]
-    numeric = [c for c in free if pd.api.types.is_numeric_dtype(df[c])]
-    return free, numeric
 
 
 def _resolve(key: str, columns: Sequence[str], allowed: Sequence[str], what: str, hint: str) -> str:
@@ -184,127 +149,9 @@ def _decimals_for(metrics: list[str], decimals: int | Mapping[str, int]) -> dict
     return {m: check("all metrics", decimals) for m in metrics}
 
 
-def _norm(value: Any) -> Any:
-    """A hashable, comparable python scalar for a key value (None when missing)."""
-    import pandas as pd
-
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return None
-    return value.item() if hasattr(value, "item") else value
-
-
-def _sorted_combos(combos: set[tuple]) -> list[tuple]:
-    def key(combo: tuple) -> tuple:
-        return tuple((v is None, v if v is not None else 0) for v in combo)
-
-    try:
-        return sorted(combos, key=key)
-    except TypeError:  # mixed types in one key: order by text
-        return sorted(combos, key=lambda c: tuple(str(v) for v in c))
-
-
-def format_key_value(value: Any) -> str:
-    """A row/column key value as text: ints plain, floats shortest exact, missing as ``None``."""
-    if value is None:
-        return "None"
-    if isinstance(value, float):
-        short = f"{value:g}"
-        return short if float(short) == value else repr(value)
-    return str(value)
-
-
 def _fmt(x: float, d: int) -> str:
     text = f"{x:.{d}f}"
     return text.lstrip("-") if float(text) == 0 else text
-
-
-def _dedupe_reruns(df: "pd.DataFrame", identity: list[str]) -> "pd.DataFrame":
-    """Keep the newest run of each configuration (same values in every identity column).
-
-    Args:
-        df: wide run table.
-        identity: the params, the row and column keys (tags may be keys) and
-            the seed key.
-    """
-    if not identity or df.empty:
-        return df
-    order = df.sort_values("start_time", kind="stable") if "start_time" in df.columns else df
-    keep = ~order[identity].astype(str).duplicated(keep="last")
-    return order[keep].sort_index()
-
-
-def _check_seeds(
-    sub: "pd.DataFrame", seed_key: str, params: list[str], fixed: list[str], where: str
-) -> None:
-    """Refuse a cell in which a seed appears more than once (an unlisted param varies)."""
-    dup = sub[seed_key].duplicated(keep=False)
-    if not dup.any():
-        return
-    runs = sub[dup]
-    seed = _norm(runs[seed_key].iloc[0])
-    others = [p for p in params if p not in fixed and p != seed_key]
-    differing = [p for p in others if runs[p].astype(str).nunique() > 1]
-    raise ValueError(
-        f"cell {where} has {int(dup.sum())} runs that share {seed_key}={seed} "
-        f"(run ids {list(runs['run_id']) if 'run_id' in runs else '?'}): averaging them would mix "
-        f"configurations; params that differ between them: {differing or 'none found'}. "
-        "Add those keys to rows/cols or filter the runs first."
-    )
-
-
-def aggregate(
-    df: "pd.DataFrame",
-    rows: list[str],
-    cols: list[str],
-    metrics: list[str],
-    seed_key: str = "seed",
-) -> tuple[list[tuple], list[tuple], dict[tuple[int, int, str], Cell]]:
-    """Group runs into cells and compute mean, std and n over seeds.
-
-    Args:
-        df: wide run table (resolved column names).
-        rows: row key columns.
-        cols: column key columns (may be empty).
-        metrics: metric columns.
-        seed_key: the seed column.
-
-    Returns:
-        ``(row_combos, col_combos, cells)``: the observed value tuples of the
-        row and column keys, sorted, and ``cells[(row_index, col_index,
-        metric)]``.
-    """
-    import numpy as np
-
-    params, _ = _kinds(df)
-    present = [p for p in params if p in df.columns]
-    identity = list(dict.fromkeys(present + rows + cols + [seed_key]))
-    df = _dedupe_reruns(df, identity)
-    row_of = [tuple(_norm(v) for v in vals) for vals in df[rows].itertuples(index=False)]
-    col_of = (
-        [tuple(_norm(v) for v in vals) for vals in df[cols].itertuples(index=False)]
-        if cols
-        else [()] * len(df)
-    )
-    row_combos = _sorted_combos(set(row_of))
-    col_combos = _sorted_combos(set(col_of))
-    members: dict[tuple[tuple, tuple], list[int]] = {}
-    for pos, key in enumerate(zip(row_of, col_of)):
-        members.setdefault(key, []).append(pos)
-
-    cells: dict[tuple[int, int, str], Cell] = {}
-    for ri, rc in enumerate(row_combos):
-        for ci, cc in enumerate(col_combos):
-            sub = df.iloc[members.get((rc, cc), [])]
-            where = ", ".join(f"{k}={format_key_value(v)}" for k, v in zip(rows + cols, rc + cc))
-            _check_seeds(sub, seed_key, present, rows + cols, where)
-            for m in metrics:
-                vals = sub[m].to_numpy(dtype=float)
-                vals = vals[~np.isnan(vals)]
-                n = int(vals.size)
-                mean = float(vals.mean()) if n else math.nan
-                std = float(vals.std(ddof=1)) if n > 1 else math.nan
-                cells[(ri, ci, m)] = Cell(n=n, mean=mean, std=std)
-    return row_combos, col_combos, cells
 
 
 def _best_rows(
@@ -314,15 +161,36 @@ def _best_rows(
     metric: str,
     d: int,
     direction: str,
+    rule: str = "best",
 ) -> set[int]:
-    """Rows whose displayed mean is the best of column (ci, metric)."""
-    shown = {ri: float(_fmt(cells[(ri, ci, metric)].mean, d))
-             for ri in range(n_rows) if cells[(ri, ci, metric)].n > 0}
-    if direction == "none" or len(shown) < 2:
-        return set()
-    best = max(shown.values()) if direction == "max" else min(shown.values())
-    rows = {ri for ri, v in shown.items() if v == best}
-    return rows if len(rows) < len(shown) else set()  # all equal: nothing stands out
+    """Rows to bold in column (ci, metric): see :func:`analysis.stats.bold_rows`."""
+    column = {ri: cells[(ri, ci, metric)] for ri in range(n_rows) if cells[(ri, ci, metric)].n > 0}
+    shown = {ri: float(_fmt(cell.mean, d)) for ri, cell in column.items()}
+    return bold_rows(column, shown, direction, rule)
+
+
+def _take_best(
+    df: "pd.DataFrame",
+    aggs: Mapping[str, str],
+    dirs: Mapping[str, str],
+    histories: Mapping[tuple[str, str], Sequence[float]] | None,
+) -> "pd.DataFrame":
+    """The run table with each ``best`` metric replaced by the best of each run's series."""
+    best = [m for m, a in aggs.items() if a == "best"]
+    if not best:
+        return df
+    undirected = [m for m in best if dirs[m] == "none"]
+    if undirected:
+        raise ValueError(
+            f"agg 'best' needs a direction, but {undirected} has none (neither higher nor lower "
+            "is better); use 'last' for it or give it a direction"
+        )
+    if histories is None:
+        raise ValueError(
+            "agg 'best' needs each run's logged series: pass "
+            "histories=analysis.runs.load_histories(...) (table_command does)"
+        )
+    return apply_agg(df, best, histories, dirs)
 
 
 def ablation_table(
@@ -336,8 +204,12 @@ def ablation_table(
     caption: str | None = None,
     label: str | None = None,
     directions: Mapping[str, str] | None = None,
+    agg: str | Mapping[str, str] | None = "last",
+    histories: Mapping[tuple[str, str], Sequence[float]] | None = None,
+    ci: bool = False,
+    bold: str = "best",
 ) -> str:
-    """Render an ablation table of mean ± std over seeds.
+    """Render an ablation table of mean ± std (or ± 95 % CI) over seeds.
 
     Args:
         df: wide run table from :func:`analysis.runs.load_runs` (one row per run).
@@ -355,13 +227,22 @@ def ablation_table(
         label: LaTeX ``\\label`` (ignored by Markdown and CSV).
         directions: metric key or pattern -> ``max``/``min``/``none``,
             overriding :data:`DIRECTIONS`.
+        agg: a run's value of a metric: ``last`` (final value) or ``best``
+            (best of its logged series), for all metrics or per metric
+            (``"psnr=best,loss=last"`` or a dict); see :func:`analysis.stats.parse_agg`.
+        histories: ``(run_id, metric) -> series`` needed by ``best``, from
+            :func:`analysis.runs.load_histories`.
+        ci: show ± the half-width of the 95 % t-interval instead of ± std.
+        bold: ``best`` (the best mean per column) or ``tied`` (also every cell
+            not significantly worse than it, one-sided Welch test at 0.05).
 
     Returns:
         The table text.
 
     Raises:
-        ValueError: unknown format, key, metric or direction (naming the
-            choices); no runs; a cell that would mix configurations.
+        ValueError: unknown format, key, metric, direction, agg or bold rule
+            (naming the choices); ``best`` without histories or for a metric
+            without direction; no runs; a cell that would mix configurations.
         TypeError: rows/cols/metrics not lists of strings.
     """
     if fmt not in FORMATS:
@@ -378,7 +259,10 @@ def ablation_table(
             raise ValueError(
                 f"direction {direction!r} for {key!r} is not one of {list(DIRECTION_CHOICES)}"
             )
-    params, metric_cols = _kinds(df)
+    if bold not in BOLD_CHOICES:
+        raise ValueError(f"unknown bold rule {bold!r}; choose one of {list(BOLD_CHOICES)}")
+    given = metrics
+    params, metric_cols = column_kinds(df)
     tags = [c for c in df.columns if str(c).startswith("tag.")]
     key_hint = f"available params: {sorted(params)}; tags: {sorted(tags)}"
     rows = [_resolve(k, df.columns, params + tags, "row", key_hint) for k in rows]
@@ -399,8 +283,11 @@ def ablation_table(
         )
     digits = _decimals_for(metrics, decimals)
     dirs = {m: metric_direction(m, directions) for m in metrics}
+    aggs = dict(zip(metrics, parse_agg(agg, given).values()))
+    df = _take_best(df, aggs, dirs, histories)
     row_combos, col_combos, cells = aggregate(df, rows, cols, metrics, seed_key)
-    table = _Table(rows, cols, metrics, row_combos, col_combos, cells, digits, dirs, seed_key)
+    table = _Table(rows, cols, metrics, row_combos, col_combos, cells, digits, dirs, seed_key,
+                   ci=ci, bold=bold, aggs=aggs)
     if fmt == "md":
         return table.markdown(caption)
     if fmt == "latex":
@@ -421,6 +308,9 @@ class _Table:
     digits: dict[str, int]
     dirs: dict[str, str]
     seed_key: str
+    ci: bool = False
+    bold: str = "best"
+    aggs: dict[str, str] = field(default_factory=dict)
 
     def columns(self) -> list[tuple[int, str]]:
         """Value columns in order: column groups outside, metrics inside."""
@@ -436,7 +326,8 @@ class _Table:
 
     def best(self) -> dict[tuple[int, str], set[int]]:
         return {
-            (ci, m): _best_rows(self.cells, len(self.row_combos), ci, m, self.digits[m], self.dirs[m])
+            (ci, m): _best_rows(self.cells, len(self.row_combos), ci, m, self.digits[m],
+                                self.dirs[m], self.bold)
             for ci, m in self.columns()
         }
 
@@ -446,15 +337,17 @@ class _Table:
         if cell.n == 0:
             return missing, ""
         d = self.digits[m]
-        text = _fmt(cell.mean, d) if cell.n == 1 else f"{_fmt(cell.mean, d)}{pm}{_fmt(cell.std, d)}"
+        spread = ci_half_width(cell.std, cell.n) if self.ci else cell.std
+        text = _fmt(cell.mean, d) if cell.n == 1 else f"{_fmt(cell.mean, d)}{pm}{_fmt(spread, d)}"
         mark = f"(n={cell.n})" if cell.n != self.usual_n() else ""
         return text, mark
 
-    def note(self, pm: str, code: str, missing: str, up: str, down: str) -> str:
-        """The line under the table: what a cell is, the usual n, and the marks actually used."""
+    def note(self, pm: str, code: str, missing: str, up: str, down: str, tex: bool = False) -> str:
+        """The line under the table: what a cell is, the usual n, and the marks and rules used."""
         n = self.usual_n()
         seeds = "seed" if n == 1 else "seeds"
-        parts = [f"Mean{pm}sample std (ddof=1) over seeds ({code}); n = {n} {seeds} per cell"]
+        spread = _CI_TEXT[tex] if self.ci else "sample std (ddof=1)"
+        parts = [f"Mean{pm}{spread} over seeds ({code}); n = {n} {seeds} per cell"]
         if any(self.cell_text(ri, ci, m, "", "")[1] for ri in range(len(self.row_combos))
                for ci, m in self.columns()):
             parts[0] += " unless marked (n=…)"
@@ -462,7 +355,13 @@ class _Table:
         if any(c.n == 1 for c in self.cells.values()):
             parts.append("A single seed shows its mean only.")
         if any(self.best().values()):
-            parts.append(f"Bold: best per column ({up} higher, {down} lower is better).")
+            tied = _TIED_TEXT[tex] if self.bold == "tied" else ""
+            parts.append(f"Bold: best per column ({up} higher, {down} lower is better){tied}.")
+        best = [m for m in self.metrics if self.aggs.get(m) == "best"]
+        if best:
+            names = ", ".join(rf"\texttt{{{latex_escape(m)}}}" if tex else f"`{m}`" for m in best)
+            parts.append(f"{names}: each run's best logged value ({up} max, {down} min over its "
+                         "series), not its last.")
         if any(c.n == 0 for c in self.cells.values()):
             parts.append(f"{missing}: no runs.")
         return " ".join(parts)
@@ -527,7 +426,7 @@ class _Table:
         lines += [r"\bottomrule", r"\end{tabular}"]
         note = self.note(
             r" $\pm$ ", rf"\texttt{{{latex_escape(self.seed_key)}}}", MISSING_LATEX,
-            r"$\uparrow$", r"$\downarrow$",
+            r"$\uparrow$", r"$\downarrow$", tex=True,
         ).replace("n=…", r"n=\ldots")
         lines += [r"\par\smallskip", rf"{{\footnotesize {note}\par}}", r"\end{table}"]
         return "\n".join(lines) + "\n"
@@ -538,17 +437,17 @@ class _Table:
         header = list(self.rows)
         for ci, m in self.columns():
             name = f"{m} ({self.group_label(ci)})" if self.cols else m
-            header += [f"{name} mean", f"{name} std", f"{name} n"]
+            header += [f"{name} mean", f"{name} std"] + ([f"{name} ci95"] if self.ci else [])
+            header.append(f"{name} n")
         writer.writerow(header)
         for ri, rc in enumerate(self.row_combos):
             out = [format_key_value(v) for v in rc]
             for ci, m in self.columns():
                 cell, d = self.cells[(ri, ci, m)], self.digits[m]
-                out += [
-                    _fmt(cell.mean, d) if cell.n else "",
-                    _fmt(cell.std, d) if cell.n > 1 else "",
-                    str(cell.n),
-                ]
+                out += [_fmt(cell.mean, d) if cell.n else "", _fmt(cell.std, d) if cell.n > 1 else ""]
+                if self.ci:
+                    out.append(_fmt(ci_half_width(cell.std, cell.n), d) if cell.n > 1 else "")
+                out.append(str(cell.n))
             writer.writerow(out)
         return buf.getvalue()
 
@@ -574,6 +473,9 @@ def table_command(
     include_unfinished: bool = False,
     caption: str | None = None,
     label: str | None = None,
+    agg: str | Mapping[str, str] | None = "last",
+    ci: bool = False,
+    bold: str = "best",
 ) -> str:
     """``deqbench table``: load a sweep's runs and render an ablation table.
 
@@ -591,19 +493,30 @@ def table_command(
         include_unfinished: also tabulate runs that are not FINISHED.
         caption: table caption.
         label: LaTeX label.
+        agg: ``last``, ``best`` or per metric ``"psnr=best,loss=last"``; ``best``
+            reads each run's logged series (MLflow metric history, or per-step
+            rows of an export).
+        ci: ± 95 % confidence interval instead of ± std.
+        bold: ``best`` or ``tied``; see :func:`ablation_table`.
 
     Returns:
         The table text (also written to ``out`` when given).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown table format {fmt!r}; choose one of {list(FORMATS)}")
-    from analysis.runs import load_runs
+    from analysis.runs import load_histories, load_runs
 
     df = load_runs(experiment, tracking_uri=tracking_uri, source=source,
                    include_unfinished=include_unfinished)
+    names = _split_keys(metrics)
+    best = [m.removeprefix("metrics.") for m, a in parse_agg(agg, names).items() if a == "best"]
+    histories = (
+        load_histories(experiment, list(df["run_id"]), best, tracking_uri=tracking_uri, source=source)
+        if best else None
+    )
     text = ablation_table(
-        df, _split_keys(rows), _split_keys(cols), _split_keys(metrics), fmt=fmt,
-        decimals=decimals, caption=caption, label=label,
+        df, _split_keys(rows), _split_keys(cols), names, fmt=fmt, decimals=decimals,
+        caption=caption, label=label, agg=agg, histories=histories, ci=ci, bold=bold,
     )
     if out is not None:
         path = Path(out)

@@ -94,7 +94,8 @@ def cmd_table(a: argparse.Namespace) -> int:
 
     uri = None if a.source else tracking.resolve_tracking_uri(a.tracking_uri)
     text = table_command(a.experiment, _csv(a.rows), _csv(a.cols or ""), _csv(a.metrics), a.format, out=a.out,
-                         tracking_uri=uri, source=a.source, decimals=a.decimals)
+                         tracking_uri=uri, source=a.source, decimals=a.decimals, agg=a.agg, ci=a.ci,
+                         bold=a.bold)
     print(text)
     if a.out:
         print(f"table written to {a.out}")
@@ -186,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/crr_demo.yaml")
     s.add_argument("--launcher", default="local", choices=["local", "submitit", "ray"])
     s.add_argument("--launcher-config", default=None, help="launcher YAML, e.g. configs/launchers/local_slurm.yaml")
-    s.add_argument("--workers", type=int, default=None, help="local launcher: concurrent cells (default: one per core)")
+    s.add_argument("--workers", type=int, default=None, help="local launcher: concurrent cells (default: one per GPU when cells train on GPUs, else one per core)")
     s.add_argument("--dry-run", action="store_true", help="print the cells (and sbatch script) and submit nothing")
     s.add_argument("--no-wait", action="store_true", help="submitit: return once submitted")
     _launch_opts(s)
@@ -207,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decimals", type=int, default=2)
     s.add_argument("--out", default=None, help="also write the table to this file")
     s.add_argument("--source", default=None, help="read an exported .parquet/.csv instead of MLflow")
+    s.add_argument("--agg", default="last", metavar="last|best|METRIC=last|best,...",
+                   help="a run's value: its last logged value (default) or the best of its series "
+                        "(max/min by the metric's direction); per metric, e.g. psnr=best,loss=last")
+    s.add_argument("--ci", action="store_true",
+                   help="show mean ± 95%% t-interval half-width over seeds instead of ± std")
+    s.add_argument("--bold", default="best", choices=["best", "tied"],
+                   help="best: the best mean per column (default); tied: also every cell not "
+                        "significantly worse (one-sided Welch t-test over seeds, p >= 0.05)")
     _common(s)
     s.set_defaults(func=cmd_table)
 

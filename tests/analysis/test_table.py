@@ -293,3 +293,83 @@ def test_table_command_writes_file_and_accepts_comma_lists(store, tmp_path: Path
     direct = ablation_table(load_runs(store.experiment, tracking_uri=store.uri),
                             ["data.image"], ["model.solver"], ["psnr", "nmse"])
     assert text == direct
+
+
+def test_agg_best_reads_mlflow_histories(store) -> None:
+    # the fixture logs each metric over 3 epochs: v - 3·0.7, v - 2·0.7, v (the final).
+    # PSNR (higher is better) is best at its last epoch, NMSE (lower is better) at its first.
+    text = table_command(store.experiment, "data.image", "model.solver", "psnr,nmse", "md",
+                         tracking_uri=store.uri, decimals=3, agg="best")
+    cells = parse_md(text)
+    for image in IMAGES:
+        for solver in SOLVERS:
+            if (image, solver) == store.missing:
+                continue
+            psnr = store.finals(image, solver, "psnr")
+            nmse = store.finals(image, solver, "nmse") - 3 * 0.7
+            assert strip(cells[(image, md_header("psnr", solver))]) == expected_text(psnr, 3)
+            assert strip(cells[(image, md_header("nmse", solver))]) == expected_text(nmse, 3)
+    assert "`psnr`, `nmse`: each run's best logged value (↑ max, ↓ min over its series)" in text
+    per_metric = table_command(store.experiment, "data.image", "model.solver", "psnr,nmse", "md",
+                               tracking_uri=store.uri, decimals=3, agg="nmse=best")
+    assert parse_md(per_metric) == cells
+    assert table_command(store.experiment, "data.image", "model.solver", "psnr,nmse", "md",
+                         tracking_uri=store.uri, agg="last") == table_command(
+        store.experiment, "data.image", "model.solver", "psnr,nmse", "md", tracking_uri=store.uri)
+
+
+def test_ci_cells_are_t_interval_half_widths(store, runs: pd.DataFrame) -> None:
+    from scipy.stats import t
+
+    text = ablation_table(runs, ["data.image"], ["model.solver"], ["psnr", "nmse"], decimals=3, ci=True)
+    cells = parse_md(text)
+    for image in IMAGES:
+        for solver in SOLVERS:
+            if (image, solver) == store.missing:
+                continue
+            for m in ("psnr", "nmse"):
+                vals = store.finals(image, solver, m)  # n = 2 for the cell with the FAILED seed
+                half = t.ppf(0.975, len(vals) - 1) * np.std(vals, ddof=1) / np.sqrt(len(vals))
+                assert strip(cells[(image, md_header(m, solver))]) == f"{np.mean(vals):.3f} ± {half:.3f}"
+    assert "Mean ± half-width of the 95% confidence interval" in text and "sample std" not in text
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss occurred:RuntimeWarning")  # equal step counts
+@pytest.mark.parametrize("include_failed", [False, True])
+@pytest.mark.parametrize(("metric", "alternative"),
+                         [("psnr", "greater"), ("nmse", "less"), ("solver/fwd_nstep", "less")])
+def test_bold_tied_is_best_plus_rows_not_significantly_worse(
+    store, metric: str, alternative: str, include_failed: bool
+) -> None:
+    from scipy.stats import ttest_ind
+
+    df = load_runs(store.experiment, tracking_uri=store.uri, include_unfinished=include_failed)
+    header = md_header(metric, "anderson")  # the one column with two rows
+    plain = parse_md(ablation_table(df, ["data.image"], ["model.solver"], [metric]))
+    text = ablation_table(df, ["data.image"], ["model.solver"], [metric], bold="tied")
+    tied = parse_md(text)
+    best = [i for i in IMAGES if plain[(i, header)].startswith("**")]
+    assert len(best) == 1
+    for image in IMAGES:
+        if image in best:
+            assert tied[(image, header)].startswith("**")
+            continue
+        p = ttest_ind(store.finals(best[0], "anderson", metric, include_failed),
+                      store.finals(image, "anderson", metric, include_failed),
+                      equal_var=False, alternative=alternative).pvalue
+        assert tied[(image, header)].startswith("**") == (p >= 0.05), (image, p)
+    assert "one-sided Welch's t-test over seeds, α = 0.05" in text
+
+
+def test_bold_tied_with_an_outlier_seed_bolds_both(store) -> None:
+    # with the FAILED seed's PSNR of 99, astronaut×anderson is best but so spread out
+    # (n = 3) that camera×anderson is not significantly worse
+    from scipy.stats import ttest_ind
+
+    df = load_runs(store.experiment, tracking_uri=store.uri, include_unfinished=True)
+    astro = store.finals("astronaut", "anderson", "psnr", include_failed=True)
+    camera = store.finals("camera", "anderson", "psnr")
+    assert ttest_ind(astro, camera, equal_var=False, alternative="greater").pvalue >= 0.05
+    cells = parse_md(ablation_table(df, ["data.image"], ["model.solver"], ["psnr"], bold="tied"))
+    assert cells[("astronaut", md_header("psnr", "anderson"))].startswith("**")
+    assert cells[("camera", md_header("psnr", "anderson"))].startswith("**")
