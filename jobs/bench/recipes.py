@@ -53,6 +53,7 @@ DEFAULTS: Dict[str, Any] = {
     "target_db": 35.0,
     "reference": {"steps": 1000, "f_max_iter": 100, "f_tol": 1.0e-3, "phantom_steps": 3},
     "recipes": {},
+    "merge": [],
 }
 
 
@@ -210,12 +211,12 @@ def plot(runs: Dict[str, List[Dict[str, Any]]], path: Path, target: float) -> No
     fig.savefig(path, dpi=120)
 
 
-def main(cfg: Dict[str, Any]) -> int:
+def _measure(cfg: Dict[str, Any]) -> tuple[Dict[str, List[Dict[str, Any]]], float]:
+    """Runs the reference loop and every recipe for each seed; JSON after each run."""
     import os
 
     from suite.data.images import load_image
 
-    cfg = merge_config(cfg, DEFAULTS, "bench recipes", opaque=("recipes",))
     torch.set_num_threads(cfg["threads"])
     image = load_image(cfg["image"], cfg["size"])
     r1_offset = -20 * math.log10(float(image.max() - image.min()))  # PSNR at data range 1 minus the suite's
@@ -228,10 +229,24 @@ def main(cfg: Dict[str, Any]) -> int:
         for name in runs:
             spec = cfg["recipes"].get(name)
             res = reference_loop(image, cfg, seed) if spec is None else suite_run(spec, cfg, seed)
+            res["seed"], res["load_after"] = seed, os.getloadavg()[0]
             runs[name].append(res)
             print(f"  seed {seed} {name}: {res['curve'][-1][2]:.2f} dB after {res['curve'][-1][0]} steps, "
                   f"{statistics.median(res['step_s']):.3f} s/step, wall {res['wall_s']:.0f} s", flush=True)
             Path(cfg["out"]).write_text(json.dumps({"config": cfg, "r1_offset_db": r1_offset, "runs": runs}, indent=1))
+    return runs, r1_offset
+
+
+def main(cfg: Dict[str, Any]) -> int:
+
+    cfg = merge_config(cfg, DEFAULTS, "bench recipes", opaque=("recipes",))
+    if cfg["merge"]:  # summarise runs made by several processes (e.g. one per seed, side by side)
+        parts = [json.loads(Path(f).read_text()) for f in cfg["merge"]]
+        runs = {name: [r for part in parts for r in part["runs"].get(name, [])] for name in parts[0]["runs"]}
+        cfg["recipes"], r1_offset = parts[0]["config"]["recipes"], parts[0]["r1_offset_db"]
+        print(f"bench recipes: merged {', '.join(cfg['merge'])}")
+    else:
+        runs, r1_offset = _measure(cfg)
     rows = summarise(runs, cfg["target_db"], r1_offset)
     fmt = lambda v, p=2: "—" if isinstance(v, float) and math.isnan(v) else f"{v:.{p}f}"  # noqa: E731
     print_table(["recipe", "PSNR@1000", "PSNR@1000 (range 1)", "final PSNR", "steps", f"steps to {cfg['target_db']:g}",
