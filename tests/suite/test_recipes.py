@@ -181,3 +181,14 @@ def test_warm_cache_under_data_parallel_sharding_matches_one_process(tmp_path):
     caches = [Checkpointer(f"{out}.ckpt{r}", 2).latest()["recipe"]["cache"] for r in range(2)]
     assert torch.equal(caches[0], caches[1])  # every rank holds the whole, same cache
     torch.testing.assert_close(caches[0], one_ckpt.latest()["recipe"]["cache"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("lr", [1e-3, 1.0])
+def test_crr_on_the_default_recipe_never_ends_below_its_frozen_deq(lr):
+    default = load_config("configs/experiments/crr.yaml").deq
+    sets = {f"deq.{k}": getattr(default, k) for k in ("warm_start", "solve_every", "solver", "f_max_iter", "grad",
+                                                    "b_solver", "b_max_iter", "eval_init")}
+    cfg = load_config("configs/experiments/crr_tiny.yaml", {**sets, "crr.lr": lr, "crr.epochs": 5})
+    assert cfg.deq.warm_start and cfg.deq.grad == "ift"
+    res = fit(cfg, build_model(cfg), load_data(cfg), MemoryTracker())
+    assert res["crr/gain_db"] >= -0.005 and res["psnr"] == pytest.approx(res["stage1/psnr"] + res["crr/gain_db"])
