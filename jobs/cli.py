@@ -84,8 +84,9 @@ def cmd_status(a: argparse.Namespace) -> int:
     from jobs.status import sweep_status
 
     uri = tracking.resolve_tracking_uri(a.tracking_uri)
-    print(sweep_status(a.sweep, a.runs_dir, uri))
-    return 0
+    text, failed = sweep_status(a.sweep, a.runs_dir, uri)
+    print(text)
+    return 1 if failed else 0  # exit codes as for a sweep: 1 when a cell failed
 
 
 def cmd_table(a: argparse.Namespace) -> int:

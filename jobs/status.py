@@ -83,10 +83,10 @@ def _combine(status: dict, submitted: dict, slurm: str) -> tuple[str, str]:
     return "FAILED", f"Slurm job {job} is unknown to squeue and the node job never reported"
 
 
-def sweep_status(sweep: str | Path, runs_dir: str | Path | None, uri: str) -> str:
-    """Human-readable status table of a sweep with a summary line."""
+def sweep_status(sweep: str | Path, runs_dir: str | Path | None, uri: str) -> tuple[str, int]:
+    """Human-readable status table of a sweep with a summary line, and how many cells FAILED."""
     rows = cell_states(sweep, runs_dir, uri)
     lines = [f"  {state:<11} {h}  {label}  {detail}".rstrip() for h, label, state, detail in rows]
     counts = Counter(r[2] for r in rows)
     summary = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-    return "\n".join(lines + [f"{len(rows)} cells: {summary}"])
+    return "\n".join(lines + [f"{len(rows)} cells: {summary}"]), counts.get("FAILED", 0)

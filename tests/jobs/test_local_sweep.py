@@ -87,7 +87,7 @@ def test_rerun_skips_finished_and_retries_failed(sweep_dir):
     _, found = runs(tmp, "t_sweep")
     assert sorted(r.info.status for r in found) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
     st = deqbench("status", "sweep.yaml", cwd=tmp)
-    assert st.returncode == 0 and "3 cells: 1 failed, 2 finished" in st.stdout
+    assert st.returncode == 1 and "3 cells: 1 failed, 2 finished" in st.stdout  # a FAILED cell: exit 1
 
 
 def test_rerun_of_finished_sweep_runs_nothing(tmp_path):

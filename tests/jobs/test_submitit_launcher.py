@@ -105,12 +105,13 @@ def test_equal_resources_share_one_array_and_no_wait_returns(array_sweep):
 def test_status_follows_squeue_then_outcomes(array_sweep):
     tmp, _, subs = array_sweep
     early = deqbench("status", "sweep.yaml", cwd=tmp)
-    assert early.returncode == 0
+    assert early.returncode == (1 if "FAILED" in early.stdout else 0)  # exit 1 once a cell FAILED
     # Right after submission every cell is pending or running (or already done: they are tiny).
     assert "NOT_STARTED" not in early.stdout, early.stdout
     wait_jobs([s["array_job_id"] for s in subs[:1]])
     late = deqbench("status", "sweep.yaml", cwd=tmp)
     assert "3 cells: 1 failed, 2 finished" in late.stdout, late.stdout
+    assert late.returncode == 1
     assert "late.png" in late.stdout  # the failure's reason
 
 
