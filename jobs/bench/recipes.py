@@ -54,6 +54,7 @@ DEFAULTS: Dict[str, Any] = {
     "reference": {"steps": 1000, "f_max_iter": 100, "f_tol": 1.0e-3, "phantom_steps": 3},
     "recipes": {},
     "merge": [],
+    "reuse": "",
 }
 
 
@@ -225,9 +226,16 @@ def _measure(cfg: Dict[str, Any]) -> tuple[Dict[str, List[Dict[str, Any]]], floa
           f"{cfg['threads']} thread(s), load {load[0]:.1f}", flush=True)
     runs: Dict[str, List[Dict[str, Any]]] = {"reference loop (torchdeq)": []}
     runs.update({name: [] for name in cfg["recipes"]})
+    # runs of an earlier, interrupted measurement with the same settings (its JSON), by name and seed
+    done = json.loads(Path(cfg["reuse"]).read_text())["runs"] if cfg["reuse"] else {}
     for seed in cfg["seeds"]:  # interleaved: reference and recipes of one seed back to back
         for name in runs:
             spec = cfg["recipes"].get(name)
+            old = [r for r in done.get(name, []) if r.get("seed") == seed]
+            if old:
+                runs[name].append(old[0])
+                print(f"  seed {seed} {name}: reused from {cfg['reuse']}", flush=True)
+                continue
             res = reference_loop(image, cfg, seed) if spec is None else suite_run(spec, cfg, seed)
             res["seed"], res["load_after"] = seed, os.getloadavg()[0]
             runs[name].append(res)

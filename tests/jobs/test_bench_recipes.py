@@ -33,3 +33,14 @@ def test_suite_torchdeq_recipe_matches_the_plain_loop(tmp_path, capsys):
 def test_unknown_key_is_refused():
     with pytest.raises(ValueError, match="unknown key"):
         recipes.main({"sizes": 3})
+
+
+def test_reuse_takes_finished_runs_from_an_earlier_measurement(tmp_path, capsys):
+    first = {"size": 41, "input_scale": 16.0, "hidden": 16, "seeds": [3], "eval_every": 2,
+             "out": str(tmp_path / "a.json"), "figure": str(tmp_path / "a.png"), "reference": {"steps": 2}}
+    assert recipes.main(first) == 0
+    again = {**first, "out": str(tmp_path / "b.json"), "reuse": first["out"]}
+    assert recipes.main(again) == 0
+    assert "reused from" in capsys.readouterr().out
+    a, b = (json.loads(Path(p).read_text())["runs"] for p in (first["out"], again["out"]))
+    assert a == b
