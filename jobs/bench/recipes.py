@@ -55,6 +55,7 @@ DEFAULTS: Dict[str, Any] = {
     "recipes": {},
     "merge": [],
     "reuse": "",
+    "probe_reps": 0,
 }
 
 
@@ -212,6 +213,44 @@ def plot(runs: Dict[str, List[Dict[str, Any]]], path: Path, target: float) -> No
     fig.savefig(path, dpi=120)
 
 
+def step_probe(cfg: Dict[str, Any]) -> Dict[str, float]:
+    """Median seconds per training step of every recipe, the recipes alternating step by step.
+
+    Side by side in one process (``probe_reps`` rounds, the first dropped), so a load
+    change hits every recipe alike: the fair per-step cost, where the long runs'
+    own timings were taken at different loads.
+    """
+    from suite.config import load_config
+    from suite.data import load_data
+    from suite.models import build_model
+    from suite.training.warm_start import Recipe, recipe_step
+
+    torch.set_num_threads(cfg["threads"])
+    sets = {"data.image": cfg["image"], "data.size": cfg["size"], "model.input_scale": cfg["input_scale"],
+            "model.hidden": cfg["hidden"], "train.lr": cfg["lr"]}
+    runs = {}
+    for name, spec in cfg["recipes"].items():
+        exp = load_config(spec["experiment"], {**sets, **(spec.get("set") or {})})
+        model, data = build_model(exp), load_data(exp)
+        runs[name] = (model, data, Recipe(exp.deq, data.coords.shape[0], model.hidden, torch.device("cpu")),
+                      torch.optim.Adam(model.parameters(), lr=cfg["lr"]))
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    for step in range(cfg["probe_reps"]):
+        for name, (model, data, recipe, opt) in runs.items():
+            model.train()
+            t0 = time.perf_counter()
+            forward, commit = recipe_step(model, recipe, data.coords, None, step)
+            pred, _ = forward(slice(None))
+            loss = torch.mean((pred - data.target) ** 2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            commit()
+            if step:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _measure(cfg: Dict[str, Any]) -> tuple[Dict[str, List[Dict[str, Any]]], float]:
     """Runs the reference loop and every recipe for each seed; JSON after each run."""
     import os
@@ -248,6 +287,14 @@ def _measure(cfg: Dict[str, Any]) -> tuple[Dict[str, List[Dict[str, Any]]], floa
 def main(cfg: Dict[str, Any]) -> int:
 
     cfg = merge_config(cfg, DEFAULTS, "bench recipes", opaque=("recipes",))
+    if cfg["probe_reps"]:
+        import os
+
+        load = os.getloadavg()[0]
+        probe = step_probe(cfg)
+        print_table(["recipe", "s/step (side by side)"], [[n, f"{v:.3f}"] for n, v in probe.items()])
+        print(f"load {load:.1f} before, {os.getloadavg()[0]:.1f} after")
+        return 0
     if cfg["merge"]:  # summarise runs made by several processes (e.g. one per seed, side by side)
         parts = [json.loads(Path(f).read_text()) for f in cfg["merge"]]
         runs = {name: [r for part in parts for r in part["runs"].get(name, [])] for name in parts[0]["runs"]}

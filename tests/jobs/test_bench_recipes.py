@@ -44,3 +44,12 @@ def test_reuse_takes_finished_runs_from_an_earlier_measurement(tmp_path, capsys)
     assert "reused from" in capsys.readouterr().out
     a, b = (json.loads(Path(p).read_text())["runs"] for p in (first["out"], again["out"]))
     assert a == b
+
+
+def test_step_probe_times_every_recipe(capsys):
+    cfg = {"size": 41, "input_scale": 16.0, "hidden": 16, "probe_reps": 3,
+           "recipes": {"a": {"experiment": str(REPO / "configs/experiments/deq_inr.yaml")},
+                       "b": {"experiment": str(REPO / "configs/experiments/deq_inr_torchdeq.yaml")}}}
+    assert recipes.main(cfg) == 0
+    out = capsys.readouterr().out
+    assert "s/step (side by side)" in out and "\na " in out and "\nb " in out
