@@ -15,7 +15,7 @@ the gradients, which gives exactly the single-process gradient.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -144,6 +144,20 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(w)]
     dist.all_gather(parts, padded)
     return torch.cat([p[: shard(n, r, w).stop - shard(n, r, w).start] for r, p in enumerate(parts)])
+
+
+@torch.no_grad()
+def on_grid(fn: Callable[[slice], torch.Tensor], n: int, chunk: int | None = 1 << 18) -> torch.Tensor:
+    """``fn`` over rows ``0..n`` (in chunks of ``chunk`` rows unless it is None): ``(n, C)``.
+
+    Data parallel: over this rank's :func:`shard` of the rows, then gathered on
+    every rank (without a process group: all rows, in this process).
+    """
+    s = shard(n) if is_distributed() else slice(0, n)
+    if chunk is None:
+        return gather_rows(fn(s), n)
+    out = torch.cat([fn(slice(i, min(i + chunk, s.stop))) for i in range(s.start, s.stop, chunk)])
+    return gather_rows(out, n)
 
 
 def barrier() -> None:

@@ -65,19 +65,6 @@ def _psnr(pred_img: torch.Tensor, data: ImageData) -> float:
     return float(M.psnr(pred_img, data.image)[0])
 
 
-@torch.no_grad()
-def _on_grid(fn: Callable[[slice], torch.Tensor], n: int, chunk: int | None = 1 << 18) -> torch.Tensor:
-    """``fn`` over rows ``0..n`` (in chunks unless ``chunk`` is None): ``(n, C)``.
-
-    Data parallel: over this rank's shard of the rows, then gathered on every rank.
-    """
-    s = D.shard(n) if D.is_distributed() else slice(0, n)
-    if chunk is None:
-        return D.gather_rows(fn(s), n)
-    out = torch.cat([fn(slice(i, min(i + chunk, s.stop))) for i in range(s.start, s.stop, chunk)])
-    return D.gather_rows(out, n)
-
-
 def _batches(n: int, batch_size: int, gen: torch.Generator, device: torch.device) -> list[torch.Tensor | None]:
     """Index batches of one epoch; ``[None]`` means full batch."""
     if batch_size < 0 or batch_size >= n:
@@ -296,7 +283,7 @@ def fit_inr(
         elif state is not None:
             opt2.load_state_dict(state["opt"])
         n_pix = data.coords.shape[0]
-        refine_fn = lambda x: _on_grid(lambda s: model(x[s], y_deq_pix[s]), n_pix, chunk=None)  # noqa: E731  (full grid only)
+        refine_fn = lambda x: D.on_grid(lambda s: model(x[s], y_deq_pix[s]), n_pix, chunk=None)  # noqa: E731  (full grid only)
         for epoch in range(prog.epoch, e2):
             t0 = time.perf_counter()
             row = _refiner_epoch(model, opt2, data, y_deq_pix, _batches(data.coords.shape[0], cfg.train.batch_size, gen, device), epoch)

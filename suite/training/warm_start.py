@@ -93,20 +93,21 @@ def evaluate_grid(model: nn.Module, coords: torch.Tensor, recipe: Recipe | None,
         ``solver/eval_rel_lowest``.
     """
     model.eval()
-    n = coords.shape[0]
-    s = D.shard(n) if D.is_distributed() else slice(0, n)
     from_cache = recipe is not None and recipe.eval_from_cache
-    preds, sums, rows = [], {"nstep": 0.0, "abs_lowest": 0.0, "rel_lowest": 0.0}, 0
-    for i in range(s.start, s.stop, chunk):
-        c = slice(i, min(i + chunk, s.stop))
+    sums = {"nstep": 0.0, "abs_lowest": 0.0, "rel_lowest": 0.0}
+    rows = 0
+
+    def solve(c: slice) -> torch.Tensor:
+        nonlocal rows
         pred, stats, _ = model.solve(coords[c], z0=recipe.cache[c] if from_cache else None)
-        preds.append(pred)
         k = c.stop - c.start
         rows += k
         for key in sums:
             sums[key] += stats[key] * k
+        return pred
+
+    out = D.on_grid(solve, coords.shape[0], chunk)
     local = {f"solver/eval_{key}": v / max(rows, 1) for key, v in sums.items()}
-    out = D.gather_rows(torch.cat(preds) if preds else coords.new_zeros(0, 1), n)
     return out, D.reduce_mean(local, weight=rows)
 
 
