@@ -69,7 +69,9 @@ def reference_loop(image: torch.Tensor, cfg: Dict[str, Any], seed: int) -> Dict[
 
     Returns:
         ``curve``: ``[(step, training seconds so far, psnr), ...]`` at every
-        evaluation; ``step_s``: seconds of each training step; ``wall_s``.
+        evaluation; ``step_s``: seconds of each training step; ``wall_s``; ``cpu_s``:
+        the process's CPU time for the whole run (one thread: hardly moved by other
+        processes' load, unlike wall time).
     """
     from torchdeq import get_deq
     from torchdeq.norm import apply_norm, reset_norm
@@ -77,7 +79,7 @@ def reference_loop(image: torch.Tensor, cfg: Dict[str, Any], seed: int) -> Dict[
     from suite.data.images import coordinate_grid
     from suite.metrics import psnr
 
-    t_wall = time.perf_counter()
+    t_wall, t_cpu = time.perf_counter(), time.process_time()
     ref, h = cfg["reference"], cfg["hidden"]
     torch.manual_seed(seed)
     x = coordinate_grid(*image.shape[-2:])
@@ -119,7 +121,8 @@ def reference_loop(image: torch.Tensor, cfg: Dict[str, Any], seed: int) -> Dict[
             with torch.no_grad():
                 pred = ((head(solve(torch.zeros_like(cache), None)) + 1) / 2).clamp(0, 1).reshape(image.shape)
             curve.append((i + 1, trained, float(psnr(pred, image)[0])))
-    return {"curve": curve, "step_s": step_s, "wall_s": time.perf_counter() - t_wall}
+    return {"curve": curve, "step_s": step_s, "wall_s": time.perf_counter() - t_wall,
+            "cpu_s": time.process_time() - t_cpu}
 
 
 def suite_run(spec: Dict[str, Any], cfg: Dict[str, Any], seed: int) -> Dict[str, Any]:
@@ -129,7 +132,7 @@ def suite_run(spec: Dict[str, Any], cfg: Dict[str, Any], seed: int) -> Dict[str,
     from suite.models import build_model
     from suite.training import Checkpointer, MemoryTracker, fit
 
-    t_wall = time.perf_counter()
+    t_wall, t_cpu = time.perf_counter(), time.process_time()
     sets = {"data.image": cfg["image"], "data.size": cfg["size"], "model.input_scale": cfg["input_scale"],
             "model.hidden": cfg["hidden"], "train.lr": cfg["lr"], "train.eval_every": cfg["eval_every"],
             "train.epochs": spec["steps"], "train.batch_size": -1, "seed": seed, **(spec.get("set") or {})}
@@ -153,7 +156,7 @@ def suite_run(spec: Dict[str, Any], cfg: Dict[str, Any], seed: int) -> Dict[str,
     cum = dict(enumerate(itertools.accumulate(step_s)))
     curve = [(int(s) + 1, cum[int(s)], v) for s, v in tracker.history["psnr"] if s is not None and int(s) < len(step_s)]
     return {"curve": curve, "step_s": step_s, "wall_s": time.perf_counter() - t_wall,
-            "eval_rel_lowest": tracker.last("solver/eval_rel_lowest")}
+            "cpu_s": time.process_time() - t_cpu, "eval_rel_lowest": tracker.last("solver/eval_rel_lowest")}
 
 
 def _to_target(curve: List[tuple], target: float) -> tuple[float, float]:
@@ -183,6 +186,7 @@ def summarise(runs: Dict[str, List[Dict[str, Any]]], target: float, r1_offset: f
             "reached": sum(not math.isnan(s) for s, _ in reached),
             "s_per_step": _median([statistics.median(r["step_s"]) for r in seeds]),
             "wall_s": _median([r["wall_s"] for r in seeds]),
+            "cpu_s": _median([r.get("cpu_s", math.nan) for r in seeds]),
         })
     return rows
 
@@ -314,8 +318,10 @@ def main(cfg: Dict[str, Any]) -> int:
         if cfg["recipes"][r["recipe"]].get("compare_with_reference"):
             r["ratio_step"] = r["s_per_step"] / ref["s_per_step"]
             r["ratio_wall"] = (r["wall_s"] / r["steps"]) / (ref["wall_s"] / ref["steps"])
+            r["ratio_cpu"] = (r["cpu_s"] / r["steps"]) / (ref["cpu_s"] / ref["steps"])
             print(f"{r['recipe']} / reference loop: {r['ratio_step']:.3f}x per training step, "
-                  f"{r['ratio_wall']:.3f}x wall per step (evaluations, checkpoints, tracking included), "
+                  f"{r['ratio_wall']:.3f}x wall per step, {r['ratio_cpu']:.3f}x CPU time per step "
+                  f"(evaluations, checkpoints, tracking included), "
                   f"PSNR@1000 {r['psnr_1000'] - ref['psnr_1000']:+.3f} dB", flush=True)
     plot(runs, Path(cfg["figure"]), cfg["target_db"])
     Path(cfg["out"]).write_text(json.dumps({"config": cfg, "r1_offset_db": r1_offset, "runs": runs, "summary": rows},

@@ -25,7 +25,7 @@ def test_suite_torchdeq_recipe_matches_the_plain_loop(tmp_path, capsys):
     # same init, same recipe: the same PSNR curve up to float rounding
     assert [p for _, _, p in suite["curve"]] == pytest.approx([p for _, _, p in ref["curve"]], abs=1e-3)
     rows = {r["recipe"]: r for r in out["summary"]}
-    assert rows["torchdeq"]["ratio_step"] > 0 and rows["ift"]["steps"] == 4
+    assert rows["torchdeq"]["ratio_step"] > 0 and rows["torchdeq"]["ratio_cpu"] > 0 and rows["ift"]["steps"] == 4
     assert Path(cfg["figure"]).stat().st_size > 1000
     assert "torchdeq / reference loop:" in capsys.readouterr().out
 
