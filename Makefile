@@ -8,8 +8,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?= -m "not slow"
+TOOLS  ?= 1   # 0: do not apt-get pdflatex and chromium (their tests then skip; under CI=true they fail)
 
-.PHONY: install demo test test-all slurm-start slurm-stop ui clean
+.PHONY: install tools demo test test-all slurm-start slurm-stop ui clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +21,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import torch, torchdeq, fastmri.evaluate; print('installed: torch', torch.__version__)"
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) tools
+
+# pdflatex and chromium from Debian packages, for the LaTeX-compile and browser
+# tests (as the Slurm tests install Slurm); a no-op once they are installed.
+tools:
+	@if [ "$(strip $(TOOLS))" = 1 ]; then bash scripts/install_tools.sh; fi
 
 demo: $(STAMP)
 	$(BIN)/deqbench sweep configs/sweeps/crr_demo.yaml
@@ -28,12 +34,12 @@ demo: $(STAMP)
 	    --metrics stage1/psnr,psnr,crr/gain_db --out reports/crr_demo/table.md
 	$(BIN)/deqbench report spectral --experiment crr_demo --out reports/crr_demo/spectral
 	@echo "Spectral report: reports/crr_demo/spectral/spectral_report.html (also .pdf, signal_characteristics.csv)"
-	@echo "Browse every run with:  $(BIN)/deqbench ui   (http://127.0.0.1:5000)"
+	@echo "Browse the runs with:  $(BIN)/deqbench ui --experiment crr_demo   (prints the link to its runs table)"
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-all: $(STAMP)
+test-all: $(STAMP) tools
 	$(BIN)/python -m pytest -m ""
 
 slurm-start:
@@ -46,4 +52,4 @@ ui: $(STAMP)
 	$(BIN)/deqbench ui
 
 clean:
-	rm -rf runs reports mlflow.db mlartifacts .pytest_cache
+	rm -rf runs reports mlflow.db mlartifacts .pytest_cache test-artifacts

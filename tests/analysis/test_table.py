@@ -247,9 +247,11 @@ def test_latex_booktabs_bold_escaping_caption(store, runs: pd.DataFrame) -> None
     assert f"{vals.mean():.2f} $\\pm$ {vals.std(ddof=1):.2f}" in latex_row(text, "camera")[1]
 
 
+@pytest.mark.latex
 @pytest.mark.skipif(
     shutil.which("pdflatex") is None,
-    reason="pdflatex not installed (apt-get install texlive-latex-base texlive-latex-recommended)",
+    reason="pdflatex not installed (scripts/install_tools.sh, or apt-get install texlive-latex-base "
+           "texlive-latex-recommended)",
 )
 def test_latex_compiles(runs: pd.DataFrame, tmp_path: Path) -> None:
     table = ablation_table(runs, ["data.image"], ["model.solver"], ["psnr", "nmse", "hfe"],
