@@ -46,7 +46,7 @@ class Cell:
         experiment: MLflow experiment name (the sweep's name).
         workdir: absolute work directory.
         tracking_uri: MLflow tracking URI (absolute).
-        label: short human label, e.g. ``data.image=camera seed=1``.
+        label: short human label (also the MLflow run name), e.g. ``image=camera seed=1``.
     """
 
     config: dict[str, Any]
@@ -97,6 +97,14 @@ def _axes(value: Any, where: str) -> dict[str, list[Any]]:
     return value
 
 
+def short_label(point: dict[str, Any], seed: int) -> str:
+    """A cell's label and MLflow run name, e.g. ``image=camera solver=anderson seed=1``: each sweep axis
+    by the last part of its dotted key (the whole key where two axes, or one and ``seed``, share it)."""
+    last = [k.rsplit(".", 1)[-1] for k in point]
+    names = [n if last.count(n) == 1 and n != "seed" else k for k, n in zip(point, last)]
+    return " ".join([f"{n}={v}" for n, v in zip(names, point.values())] + [f"seed={seed}"])
+
+
 def expand_sweep(
     path: str | Path,
     overrides: Iterable[str] = (),
@@ -141,7 +149,7 @@ def expand_sweep(
         for combo in itertools.product(*axes.values()):
             point = dict(zip(axes, combo))
             for seed in _seeds(g.get("seeds", [0]), where):
-                label = " ".join([f"{k}={v}" for k, v in point.items()] + [f"seed={seed}"])
+                label = short_label(point, seed)
                 try:
                     cfg = load_config(merge(data, {**point, "seed": seed, "name": name}), cli)
                 except ConfigError as err:

@@ -155,10 +155,16 @@ def cmd_ui(a: argparse.Namespace) -> int:
     import os
     import subprocess
 
-    from jobs import tracking
+    from jobs import tracking, ui
 
     uri = tracking.resolve_tracking_uri(a.tracking_uri)
-    print(f"MLflow UI for {uri} at http://{a.host}:{a.port} (Ctrl-C to stop)", flush=True)
+    shown = ui.prepare(uri, a.experiment)  # model-training experiments with a headline-metrics view
+    base = ui.base_url(a.host, a.port)
+    print(f"MLflow UI for {uri} at {base} (Ctrl-C to stop)", flush=True)
+    for name, exp_id, n in shown:
+        print(f"  runs of {name!r} ({n} runs): {ui.runs_url(base, exp_id)}", flush=True)
+    if not shown:
+        print("  no runs yet: run a sweep (deqbench sweep FILE), then restart deqbench ui for its link", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", a.host, "--port", str(a.port),
            "--workers", str(a.workers)]
     return subprocess.call(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
@@ -252,11 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="benchmark YAML (default: configs/bench/NAME.yaml)")
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("ui", help="MLflow UI on the tracking store, bound to 127.0.0.1")
+    s = sub.add_parser("ui", help="MLflow UI on the tracking store (127.0.0.1); prints the link to each sweep's runs")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=5000)
     s.add_argument("--workers", type=int, default=1,
                    help="server processes (default 1: starts fast; MLflow's own default is 4)")
+    s.add_argument("--experiment", default=None,
+                   help="the sweep's experiment to open (default: print a link per experiment with runs)")
     _common(s)
     s.set_defaults(func=cmd_ui)
     return p

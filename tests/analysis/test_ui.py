@@ -1,10 +1,17 @@
-"""``deqbench ui`` serves the tracking store: REST API and (when Chromium exists) the web page.
+"""``deqbench ui`` lands on the sweep's training runs, with the headline metrics as columns.
 
-The server is the real one: ``python -m jobs.cli ui --tracking-uri URI --port P``
-(which runs ``mlflow ui``) on a free port, started once per module in its own
-process group and stopped (SIGTERM, then SIGKILL) at the end. ``mlflow ui``
-starts four uvicorn workers, each importing the MLflow server: on 2 busy cores
-that takes from ~15 s to over a minute, hence ``slow``.
+The store is real: a two-cell CRR sweep at tiny scale (``crr_tiny.yaml``, 2 + 2
+epochs on a 45×45 image) run in-process through the node job, so the runs carry
+what a sweep logs (short run names, ``family`` tag, ``psnr``, ``crr/gain_db``...).
+The server is real too: ``python -m jobs.cli ui --experiment ui-sweep`` (which
+tags the experiment, prints the runs URL and runs ``mlflow ui``) on a free port,
+started once per module in its own process group and stopped at the end. The
+page is rendered by headless Chromium (Debian package ``chromium``, installed by
+``make test``); its screenshot is kept in ``test-artifacts/ui_runs.png``
+(``$DEQBENCH_TEST_ARTIFACTS`` overrides the folder).
+
+Time on 2 busy cores: ~20 s for the runs (mostly creating the store), ~15 s for
+the server to answer, a few seconds per Chromium render.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,40 +33,44 @@ from typing import Any, Iterator
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
-EXPERIMENT = "ui-demo"
-CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parents[2]
+EXPERIMENT = "ui-sweep"
 READY_TIMEOUT_S = 240.0
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SWEEP = f"""
+name: {EXPERIMENT}
+base: {REPO}/configs/experiments/crr_tiny.yaml
+set: {{train.epochs: 2, crr.epochs: 2}}
+axes:
+  data.image: [camera, astronaut]
+"""
 
 
 @dataclass
 class UiStore:
     uri: str
-    experiment_id: str
-    runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # run_id -> {name, psnr, image}
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # run_id -> {name, metrics, params}
 
 
 @pytest.fixture(scope="module")
 def ui_store(tmp_path_factory: pytest.TempPathFactory) -> UiStore:
-    """A sqlite store with three finished runs and one other experiment."""
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
+    """Two finished CRR runs of a real (tiny) sweep; what they logged is read back from the store."""
+    from jobs import tracking
+    from jobs.cells import expand_sweep
+    from jobs.node import run_cell
 
     root = tmp_path_factory.mktemp("ui_store")
+    (root / "sweep.yaml").write_text(SWEEP)
     uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment(EXPERIMENT, artifact_location=str(root / "artifacts"))
-    client.create_experiment("another-sweep", artifact_location=str(root / "artifacts2"))
-    store = UiStore(uri, exp)
-    now = int(time.time() * 1000)
-    for i, (image, psnr) in enumerate((("camera", 31.25), ("astronaut", 28.5), ("camera", 30.75))):
-        name = f"{image}-seed{i}"
-        run = client.create_run(exp, start_time=now + i, run_name=name, tags={"family": "crr"})
-        client.log_batch(run.info.run_id, metrics=[Metric("psnr", psnr, now, 0)],
-                         params=[Param("data.image", image), Param("seed", str(i))])
-        client.set_terminated(run.info.run_id, "FINISHED")
-        store.runs[run.info.run_id] = {"name": name, "psnr": psnr, "image": image}
+    _, cells = expand_sweep(root / "sweep.yaml", [], root / "runs", uri)
+    store = UiStore(uri)
+    client = tracking.client(uri)
+    for cell in cells:
+        out = run_cell(cell)
+        assert out["state"] == "FINISHED", out
+        run = client.get_run(out["run_id"])
+        store.runs[out["run_id"]] = {"name": run.info.run_name, "metrics": run.data.metrics,
+                                     "params": run.data.params}
     return store
 
 
@@ -81,20 +93,18 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 10.0)
 class Server:
     base: str
     log: Path
-    proc: subprocess.Popen
+    runs_url: str
 
 
 def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM to the server's own process group (it was started in a new session), then SIGKILL."""
-    if proc.poll() is not None:
-        return
     for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+        if proc.poll() is not None:
             return
         try:
+            os.killpg(proc.pid, sig)
             proc.wait(timeout=wait)
+        except ProcessLookupError:
             return
         except subprocess.TimeoutExpired:
             continue
@@ -107,8 +117,9 @@ def server(ui_store: UiStore, tmp_path_factory: pytest.TempPathFactory) -> Itera
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     with log.open("w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jobs.cli", "ui", "--tracking-uri", ui_store.uri, "--port", str(port)],
-            stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            [sys.executable, "-m", "jobs.cli", "ui", "--tracking-uri", ui_store.uri, "--port", str(port),
+             "--experiment", EXPERIMENT],
+            stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=REPO,
         )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -124,54 +135,98 @@ def server(ui_store: UiStore, tmp_path_factory: pytest.TempPathFactory) -> Itera
             if time.monotonic() > deadline:
                 pytest.fail(f"deqbench ui not ready after {READY_TIMEOUT_S:.0f} s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield Server(base, log, proc)
+        printed = re.search(rf"runs of '{EXPERIMENT}' \(2 runs\): (\S+)", log.read_text())
+        assert printed, log.read_text()[-3000:]
+        yield Server(base, log, printed.group(1))
     finally:
         _stop(proc)
 
 
-def test_ui_serves_the_store_over_rest(server: Server, ui_store: UiStore) -> None:
-    # the command says where it serves
-    assert f"MLflow UI for {ui_store.uri} at {server.base}" in server.log.read_text()
-
+def _experiment(server: Server) -> dict[str, Any]:
     status, body = http("GET", f"{server.base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}")
     assert status == 200
-    assert body["experiment"]["name"] == EXPERIMENT
-    assert body["experiment"]["experiment_id"] == ui_store.experiment_id
+    return body["experiment"]
 
+
+def test_ui_prints_the_runs_view_of_a_model_training_experiment(server: Server, ui_store: UiStore) -> None:
+    exp = _experiment(server)
+    assert f"MLflow UI for {ui_store.uri} at {server.base}" in server.log.read_text()
+    assert server.runs_url.startswith(f"{server.base}/#/experiments/{exp['experiment_id']}/runs?")
+    assert "workflowType=machine_learning" in server.runs_url and "compareRunsMode=TABLE" in server.runs_url
+
+    tags = {t["key"]: t["value"] for t in exp["tags"]}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    key = re.search(r"viewStateShareKey=(\w+)", server.runs_url).group(1)
+    view = json.loads(tags[f"mlflow.sharedViewState.{key}"])
+    state = json.loads(view["state"])
+    assert state["selectedColumns"][:5] == [
+        "metrics.`psnr`", "metrics.`ssim`", "metrics.`vif`", "metrics.`crr/best_epoch`", "metrics.`crr/gain_db`"]
+    assert "params.`data.image`" in state["selectedColumns"]  # the sweep's axis
+    assert "params.`train.epochs`" not in state["selectedColumns"]  # the same in every run
+    assert state["orderByKey"] == "metrics.`psnr`" and state["orderByAsc"] is False
+    # short run names: the axis by the last part of its key, and the seed
+    assert sorted(r["name"] for r in ui_store.runs.values()) == ["image=astronaut seed=0", "image=camera seed=0"]
+
+
+def test_ui_serves_the_store_over_rest(server: Server, ui_store: UiStore) -> None:
+    exp_id = _experiment(server)["experiment_id"]
     status, body = http("POST", f"{server.base}/api/2.0/mlflow/runs/search",
-                        {"experiment_ids": [ui_store.experiment_id], "max_results": 100})
+                        {"experiment_ids": [exp_id], "max_results": 100})
     assert status == 200
     runs = {r["info"]["run_id"]: r for r in body["runs"]}
     assert set(runs) == set(ui_store.runs)
     for run_id, want in ui_store.runs.items():
-        run = runs[run_id]
-        assert run["info"]["run_name"] == want["name"] and run["info"]["status"] == "FINISHED"
-        assert {m["key"]: m["value"] for m in run["data"]["metrics"]}["psnr"] == want["psnr"]
-        assert {p["key"]: p["value"] for p in run["data"]["params"]}["data.image"] == want["image"]
+        got = runs[run_id]
+        assert got["info"]["run_name"] == want["name"] and got["info"]["status"] == "FINISHED"
+        assert {m["key"]: m["value"] for m in got["data"]["metrics"]}["psnr"] == want["metrics"]["psnr"]
 
-    # a filter is evaluated by the server, not here
     status, body = http("POST", f"{server.base}/api/2.0/mlflow/runs/search",
-                        {"experiment_ids": [ui_store.experiment_id], "filter": "params.`data.image` = 'camera'"})
-    cameras = {k for k, v in ui_store.runs.items() if v["image"] == "camera"}
-    assert {r["info"]["run_id"] for r in body["runs"]} == cameras
+                        {"experiment_ids": [exp_id], "filter": "params.`data.image` = 'camera'"})
+    assert [r["info"]["run_name"] for r in body["runs"]] == ["image=camera seed=0"]
 
     with pytest.raises(urllib.error.HTTPError) as err:
         http("GET", f"{server.base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=no-such-sweep")
     assert err.value.code == 404
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless check needs /usr/bin/chromium (Debian package chromium)")
-def test_ui_renders_the_runs_page_in_chromium(server: Server, ui_store: UiStore, tmp_path: Path) -> None:
-    url = f"{server.base}/#/experiments/{ui_store.experiment_id}/runs"
-    proc = subprocess.run(
-        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--dump-dom", url],
+def chromium(url: str, action: str, profile: Path) -> subprocess.CompletedProcess:
+    """Headless Chromium on ``url``: ``action`` is ``--dump-dom`` or ``--screenshot=FILE``."""
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         f"--user-data-dir={profile}", "--window-size=1600,1000", "--virtual-time-budget=30000", action, url],
         capture_output=True, text=True, timeout=180,
     )
+
+
+def page_text(dom: str) -> str:
+    """The visible text of a DOM dump, whitespace-normalised."""
+    return " ".join(re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)).split())
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (Debian package chromium; `make test` installs it)")
+def test_ui_lands_on_the_training_runs_with_metric_columns(server: Server, ui_store: UiStore, tmp_path: Path,
+                                                            artifacts_dir: Path) -> None:
+    proc = chromium(server.runs_url, "--dump-dom", tmp_path / "profile")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    dom = proc.stdout
-    text = " ".join(re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)).split())
-    assert EXPERIMENT in text
-    for want in ui_store.runs.values():  # the React app fetched and rendered every run
-        assert want["name"] in text, want["name"]
-    assert f"{len(ui_store.runs)} matching runs" in text, text[:2000]
+    text = page_text(proc.stdout)
+    assert "Model training" in text and f"{EXPERIMENT} Runs" in text, text[:2000]
+    assert "No data available" not in text and "Traces 0" not in text  # not the GenAI overview
+    assert "2 matching runs" in text, text[:3000]
+
+    table = text[text.index("Run Name"):text.index("matching runs")]
+    for header in ("psnr", "ssim", "vif", "crr/gain_db", "data.image"):
+        assert header in table.split(), (header, table[:1500])
+    assert "time/total_s" not in table and "solver/fwd_nstep" not in table  # only the headline columns
+    by_psnr = sorted(ui_store.runs.values(), key=lambda r: -r["metrics"]["psnr"])
+    names = [table.index(r["name"]) for r in by_psnr]
+    assert names == sorted(names), table[:1500]  # best PSNR first
+    shown = [float(x) for x in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", table)]
+    for run in by_psnr:  # each run's PSNR and gain as the table shows them (rounded)
+        for metric in ("psnr", "crr/gain_db"):
+            assert any(abs(x - run["metrics"][metric]) < 1e-3 * max(1.0, abs(x)) for x in shown), (metric, table)
+
+    shot = artifacts_dir / "ui_runs.png"
+    proc = chromium(server.runs_url, f"--screenshot={shot}", tmp_path / "profile2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
