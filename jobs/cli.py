@@ -81,12 +81,17 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 def cmd_status(a: argparse.Namespace) -> int:
     from jobs import tracking
-    from jobs.status import sweep_status
+    from jobs.status import sweep_status, watch
 
     uri = tracking.resolve_tracking_uri(a.tracking_uri)
-    text, failed = sweep_status(a.sweep, a.runs_dir, uri)
+    show = lambda: sweep_status(a.sweep, a.runs_dir, uri, as_json=a.json)  # noqa: E731
+    if a.watch is not None:
+        if a.watch <= 0:
+            raise ValueError(f"--watch {a.watch:g}: the refresh period must be > 0 seconds")
+        return watch(show, a.watch, clear=not a.json and sys.stdout.isatty())
+    text, counts = show()
     print(text)
-    return 1 if failed else 0  # exit codes as for a sweep: 1 when a cell failed
+    return 1 if counts.get("FAILED") else 0  # exit codes as for a sweep: 1 when a cell failed
 
 
 def cmd_table(a: argparse.Namespace) -> int:
@@ -200,9 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     _launch_opts(s)
     s.set_defaults(func=cmd_sweep)
 
-    s = sub.add_parser("status", help="pending/running/finished/failed cells of a sweep")
+    s = sub.add_parser("status", help="pending/running/finished/failed cells of a sweep, with live progress")
     s.add_argument("sweep")
     s.add_argument("--runs-dir", default=None)
+    s.add_argument("--json", action="store_true", help="one JSON object (per refresh with --watch) for scripts")
+    s.add_argument("--watch", type=float, nargs="?", const=5.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (default 5) until no cell is running or pending")
     _common(s)
     s.set_defaults(func=cmd_status)
 

@@ -175,6 +175,7 @@ def run_cell(cell: Cell, wrap_tracker: Callable[[Any], Any] | None = None) -> di
     from suite.training import NullTracker, fit
     from suite.training import distributed as D
     from jobs import distributed, tracking
+    from jobs.progress import ProgressTracker, total_epochs
 
     workdir = Path(cell.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -188,14 +189,15 @@ def run_cell(cell: Cell, wrap_tracker: Callable[[Any], Any] | None = None) -> di
         if ctx.is_main:
             (workdir / "config.yaml").write_text(yaml.safe_dump(cell.config, sort_keys=False))
             previous = read_status(workdir)
-            if previous.get("state") == "FAILED" or previous.get("early_stopped"):
+            if (previous.get("state") == "FAILED" and not previous.get("resumable")) or previous.get("early_stopped"):
                 # A failure is usually deterministic, an early stop final: start afresh, in a new run.
+                # (Not a tracking outage: its checkpoints keep the metrics MLflow has not received.)
                 ckpt.clear()
                 previous = {}
             latest = ckpt.latest()
             uri = cell.tracking_uri or tracking.resolve_tracking_uri()
             resume = (latest or {}).get("extra", {}).get("run_id")
-            if latest is None and previous.get("state") in ("RUNNING", "KILLED", "REQUEUED"):
+            if latest is None and (previous.get("state") in ("RUNNING", "KILLED", "REQUEUED") or previous.get("resumable")):
                 resume = previous.get("run_id")  # stopped before its first checkpoint: nothing was logged yet
             if resume and not tracking.run_exists(uri, resume):
                 resume = None
@@ -204,12 +206,13 @@ def run_cell(cell: Cell, wrap_tracker: Callable[[Any], Any] | None = None) -> di
                 tracking.run_tags(cell.hash, cfg.family, ctx.world_size), resume_run_id=resume,
             )
             ckpt.extra["run_id"] = tracker.run_id
-            ckpt.before_save.append(tracker.flush)
+            tracker.restore((latest or {}).get("extra", {}).get("pending_metrics", ()))
+            ckpt.before_save.append(lambda: _flush_or_keep(tracker, ckpt))
             out["run_id"] = tracker.run_id
             write_status(workdir, state="RUNNING", run_id=tracker.run_id, host=socket.gethostname(), pid=os.getpid(),
                          started=time.time(), resumed_from=bool(latest), error=None, world_size=ctx.world_size,
                          early_stopped=False,
-                         slurm_job_id=_slurm_job_id())
+                         slurm_job_id=_slurm_job_id(), resumable=False, progress=None)
             tracker.log_artifact(workdir / "config.yaml")
             diff = tracking.git_diff()
             if diff:  # the run's code is not a commit: keep what differed from it
@@ -219,6 +222,9 @@ def run_cell(cell: Cell, wrap_tracker: Callable[[Any], Any] | None = None) -> di
         model = build_model(cfg)
         data = load_data(cfg)
         fit_tracker: Any = tracker if ctx.is_main else NullTracker()
+        if ctx.is_main:
+            fit_tracker = ProgressTracker(fit_tracker, total_epochs(cell.config),
+                                          lambda progress: write_status(workdir, progress=progress))
         if wrap_tracker is not None and ctx.is_main:
             fit_tracker = wrap_tracker(fit_tracker)
         results = fit(cfg, model, data, fit_tracker, ckpt=ckpt, outdir=workdir / "artifacts")
@@ -246,6 +252,13 @@ def run_cell(cell: Cell, wrap_tracker: Callable[[Any], Any] | None = None) -> di
         if ctx.is_main:
             _record_failure(workdir, tracker, "KILLED", reason)
         out.update(state="KILLED", error=reason)
+    except tracking.TrackingUnavailable as err:  # the store is gone: nothing can be recorded there
+        reason = (f"TrackingUnavailable: {err}; the checkpoints in {workdir / 'ckpt'} keep every value not "
+                  "logged: run the cell again to resume and log them")
+        if ctx.is_main:
+            write_status(workdir, state="FAILED", error=reason, reason="TRACKING_UNAVAILABLE", resumable=True,
+                         ended=time.time())
+        out.update(state="FAILED", error=reason)
     except Exception as err:  # noqa: BLE001 - a cell's failure is data, not a crash
         reason = f"{type(err).__name__}: {err}"
         if ctx.is_main:
@@ -257,6 +270,12 @@ def run_cell(cell: Cell, wrap_tracker: Callable[[Any], Any] | None = None) -> di
         distributed.teardown(ctx)
     out["rank"] = ctx.rank
     return out
+
+
+def _flush_or_keep(tracker: Any, ckpt: Checkpointer) -> None:
+    """Before a checkpoint: writes the buffered metrics, or, the store being unreachable, keeps them in it."""
+    tracker.try_flush()
+    ckpt.extra["pending_metrics"] = tracker.pending()
 
 
 def _slurm_job_id() -> str | None:

@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections import Counter
 from pathlib import Path
+from typing import Any, Callable
 
 from jobs.cells import expand_sweep
 from jobs.node import read_status
+from jobs.progress import describe
 
 
-def cell_states(sweep: str | Path, runs_dir: str | Path | None, uri: str) -> list[tuple[str, str, str, str]]:
-    """``(hash, label, state, detail)`` per cell.
+def cell_states(sweep: str | Path, runs_dir: str | Path | None, uri: str) -> tuple[str, list[dict[str, Any]]]:
+    """The sweep's name and one record per cell.
 
     State: FINISHED/FAILED/KILLED/RUNNING from ``status.json`` (MLflow FINISHED
     wins: the store is the record); for a cell submitted to Slurm
     (``submitted.json``) PENDING/RUNNING from ``squeue`` when ``status.json``
     is absent or older than the submission, or the job waits after a requeue
     (works with accounting disabled); else NOT_STARTED.
+
+    Returns:
+        ``(name, cells)``; each cell ``{"hash", "label", "state", "detail",
+        "reason", "run_id", "workdir", "progress"}``: ``detail`` is the error or
+        the Slurm view, ``reason`` the failure's word from ``status.json`` (OOM,
+        TIMEOUT, ...; None when it has none), ``progress`` the running cell's
+        ``{"epoch", "total", "loss", "psnr", "eta_s", "at"}`` (None unless RUNNING).
     """
     from jobs import tracking
 
@@ -33,8 +44,11 @@ def cell_states(sweep: str | Path, runs_dir: str | Path | None, uri: str) -> lis
             state, detail = _combine(st, *slurm[c.workdir])
         elif state is None:
             state = "PENDING" if (Path(c.workdir) / "submitted.json").exists() else "NOT_STARTED"
-        rows.append((c.hash, c.label, state, detail))
-    return rows
+        rows.append({"hash": c.hash, "label": c.label, "state": state, "detail": detail,
+                     "reason": st.get("reason") if state in ("FAILED", "KILLED") else None,
+                     "run_id": st.get("run_id"), "workdir": c.workdir,
+                     "progress": st.get("progress") if state == "RUNNING" else None})
+    return name, rows
 
 
 def _slurm_states(workdirs: list[str]) -> dict[str, tuple[dict, str]]:
@@ -83,10 +97,53 @@ def _combine(status: dict, submitted: dict, slurm: str) -> tuple[str, str]:
     return "FAILED", f"Slurm job {job} is unknown to squeue and the node job never reported"
 
 
-def sweep_status(sweep: str | Path, runs_dir: str | Path | None, uri: str) -> tuple[str, int]:
-    """Human-readable status table of a sweep with a summary line, and how many cells FAILED."""
-    rows = cell_states(sweep, runs_dir, uri)
-    lines = [f"  {state:<11} {h}  {label}  {detail}".rstrip() for h, label, state, detail in rows]
-    counts = Counter(r[2] for r in rows)
+def sweep_status(sweep: str | Path, runs_dir: str | Path | None, uri: str,
+                 as_json: bool = False) -> tuple[str, Counter[str]]:
+    """The sweep's status as text (a table with a summary line) or JSON, and how many cells are in each state.
+
+    JSON: ``{"sweep", "cells": [...] (see :func:`cell_states`), "counts": {state: n}, "failed"}``.
+    """
+    name, rows = cell_states(sweep, runs_dir, uri)
+    counts = Counter(r["state"] for r in rows)
+    if as_json:
+        return json.dumps({"sweep": name, "cells": rows, "counts": dict(counts),
+                           "failed": counts.get("FAILED", 0)}), counts
+    lines = [f"  {r['state']:<11} {r['hash']}  {r['label']}  {_detail(r)}".rstrip() for r in rows]
     summary = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-    return "\n".join(lines + [f"{len(rows)} cells: {summary}"]), counts.get("FAILED", 0)
+    return "\n".join(lines + [f"{len(rows)} cells: {summary}"]), counts
+
+
+def _detail(row: dict[str, Any]) -> str:
+    """What the table shows after a cell's label: its progress, and the reason and error of a failure."""
+    parts = [describe(row["progress"]), row["detail"]]
+    if row["reason"] and row["reason"] not in row["detail"]:
+        parts[1] = f"[{row['reason']}] {row['detail']}".rstrip()
+    return "  ".join(p for p in parts if p)
+
+
+def watch(show: Callable[[], tuple[str, Counter[str]]], every_s: float, clear: bool) -> int:
+    """Prints ``show()`` every ``every_s`` seconds until no cell is RUNNING or PENDING any more, or Ctrl-C.
+
+    Args:
+        show: :func:`sweep_status` with its arguments bound.
+        every_s: refresh period.
+        clear: clear the terminal before each refresh (a human watching); else append (a script).
+
+    Returns:
+        The exit code of the last refresh: 1 when a cell FAILED, else 0.
+    """
+    counts: Counter[str] = Counter()
+    try:
+        while True:
+            text, counts = show()
+            if clear:
+                print("\033[H\033[2J" + text + f"\n({time.strftime('%H:%M:%S')}, every {every_s:g} s; Ctrl-C to stop)",
+                      flush=True)
+            else:
+                print(text, flush=True)
+            if not counts.get("RUNNING") and not counts.get("PENDING"):
+                break
+            time.sleep(every_s)
+    except KeyboardInterrupt:
+        pass
+    return 1 if counts.get("FAILED") else 0
