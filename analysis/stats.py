@@ -24,30 +24,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from suite.metrics.registry import DEFAULT_DIRECTION, DIRECTION_CHOICES, METRICS  # noqa: F401  (re-exported)
+from suite.metrics.registry import metric_direction as _registry_direction
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-DIRECTION_CHOICES = ("max", "min", "none")
-
-DIRECTIONS: dict[str, str] = {
-    "nmse": "min",
-    "loss": "min",
-    "sr": "min",
-    "solver/*": "min",
-    "mem/*": "min",
-    "time/*": "min",
-    "hfe": "none",
-}
-"""Which way is better, by metric key or ``fnmatch`` pattern: ``max`` (higher is
+DIRECTIONS: dict[str, str] = {name: m.direction for name, m in METRICS.items()}
+"""Which way is better, by metric key or ``fnmatch`` pattern, as registered in
+:mod:`suite.metrics.registry` (one registration per metric): ``max`` (higher is
 better), ``min`` (lower is better) or ``none`` (no best is marked: HFE is a
 property of the output, not a score). Looked up on the full key, then on its
 last ``/`` segment (so ``noise/0.1/nmse`` is ``min``); anything else is
 :data:`DEFAULT_DIRECTION`. Callers override with ``directions=``."""
-
-DEFAULT_DIRECTION = "max"
 
 AGG_CHOICES = ("last", "best")
 """How a run's series of one metric becomes its value: the last logged value or the best."""
@@ -82,23 +73,12 @@ def metric_direction(metric: str, overrides: Mapping[str, str] | None = None) ->
     Args:
         metric: metric key, e.g. ``psnr`` or ``solver/fwd_nstep``.
         overrides: key or ``fnmatch`` pattern -> direction, consulted before
-            :data:`DIRECTIONS`.
+            the metric registry (:func:`suite.metrics.registry.metric_direction`).
 
     Returns:
         ``"max"``, ``"min"`` or ``"none"``.
     """
-    tables = [dict(overrides or {}), DIRECTIONS]
-    for table in tables:
-        if metric in table:
-            return table[metric]
-        for pattern, direction in table.items():
-            if fnmatchcase(metric, pattern):
-                return direction
-    last = metric.rsplit("/", 1)[-1]
-    for table in tables:
-        if last in table:
-            return table[last]
-    return DEFAULT_DIRECTION
+    return _registry_direction(metric, overrides)
 
 
 def column_kinds(df: "pd.DataFrame") -> tuple[list[str], list[str]]:

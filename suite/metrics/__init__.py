@@ -4,12 +4,23 @@ Every metric is ``f(pred, target, ...)`` on real tensors ``(B, H, W)`` or
 ``(B, C, H, W)`` and returns an unreduced ``(B,)`` tensor; reduction is the
 caller's. Conventions (data range, channels, fastMRI volumes) are described in
 :mod:`suite.metrics.quality`, :mod:`suite.metrics.vif` and
-:mod:`suite.metrics.spectral`.
+:mod:`suite.metrics.spectral`. Each metric's name, direction and unit are
+registered in :mod:`suite.metrics.registry`.
+
+The functions are imported on first use, so that readers of the registry
+(tables) do not import torch.
 """
 
-from suite.metrics.quality import nmse, psnr, residual_map, significant_residuals, ssim
-from suite.metrics.spectral import hfe, radial_frequencies, radial_power_spectrum
-from suite.metrics.vif import vif
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "psnr": "quality", "ssim": "quality", "nmse": "quality", "significant_residuals": "quality",
+    "residual_map": "quality", "hfe": "spectral", "radial_power_spectrum": "spectral",
+    "radial_frequencies": "spectral", "vif": "vif",
+}
 
 __all__ = [
     "psnr",
@@ -22,3 +33,15 @@ __all__ = [
     "radial_power_spectrum",
     "radial_frequencies",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"suite.metrics.{_WHERE[name]}"), name)
+        globals()[name] = value  # also replaces the submodule ``vif`` that importing it bound to this name
+        return value
+    raise AttributeError(f"module 'suite.metrics' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
