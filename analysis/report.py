@@ -64,6 +64,7 @@ import numpy as np
 import torch
 
 from suite import metrics as M
+from suite.families import find_family
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -74,18 +75,11 @@ GROUP_KEYS = ("data.image", "data.volume", "data.file", "data.path")
 """Params that name the image a DEQ-INR/CRR run fits; the first present wins."""
 SECONDARY_GROUP_KEYS = ("deq.solver", "deq.grad", "model.filter")
 """DEQ-INR/CRR params that also tell runs of one image apart, where they vary."""
-FAMILY_GROUP_KEYS = {
-    "deprox": ("deprox.kind", "mri.acceleration", "deq.solver", "deq.grad", "deprox.unroll_k", "deprox.loss",
-               "mri.challenge", "mri.root"),
-}
-"""Families grouped by their own params: the first names the group, each other
-one is added as ``name=value`` where it varies among runs with the same first value."""
 MODEL_KEYS = ("deprox.kind", "model.kind", "model.name", "family", "tag.family")
 """Params (and tag) that name a run's model, first non-empty wins."""
 SOLVER_KEYS = ("deq.solver", "model.solver")
 UNROLL_K_KEYS = ("model.unroll_k", "model.n_iter", "model.k", "unroll.k", "deprox.n_iter", "deprox.unroll_k")
 """Params holding an unrolled network's number of iterations K, first present wins."""
-FINAL_LABELS = {"crr": "DEQ+CRR", "deq_inr": "DEQ"}
 STAGE1_LABEL = "DEQ (stage 1)"
 ZERO_FILLED_LABEL = "Zero-filled"
 OUTPUTS = ("zero_filled", "stage1", "final")
@@ -273,10 +267,9 @@ def load_run_images(client: Any, run_id: str) -> tuple[RunImages | None, list[st
 
 
 def _data_range(family: str | None, gt: torch.Tensor) -> torch.Tensor | None:
-    """fastMRI convention for MRI volumes (the volume's maximum), else the metric default."""
-    if family == "deprox":
-        return gt.reshape(gt.shape[0], -1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    return None
+    """The family's data range (:attr:`suite.families.Family.data_range`, e.g. a volume's maximum), else None."""
+    fam = find_family(family)
+    return fam.data_range(gt) if fam is not None and fam.data_range is not None else None
 
 
 def significant_residual_mask(pred: torch.Tensor, target: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -305,7 +298,8 @@ def signal_characteristics(
     """PSNR, SSIM, HFE and SR of each output, and HFE of the ground truth and residuals.
 
     All by :mod:`suite.metrics` with ``settings``; PSNR/SSIM use the ground
-    truth's range (a volume's maximum for ``family="deprox"``).
+    truth's range, or the family's own (:attr:`suite.families.Family.data_range`:
+    a volume's maximum for DE-Prox).
 
     Args:
         images: the run's images ``(1, C, H, W)``.
@@ -389,12 +383,13 @@ def group_keys(family: str | None, columns: Sequence[str]) -> tuple[str, ...]:
         columns: the columns of the runs table.
 
     Returns:
-        :data:`FAMILY_GROUP_KEYS` of the family, or else the first of
+        the family's :attr:`~suite.families.Family.group_keys`, or else the first of
         :data:`GROUP_KEYS` then :data:`SECONDARY_GROUP_KEYS`; only those present
         in ``columns``; empty when the naming one is absent.
     """
-    if family in FAMILY_GROUP_KEYS:
-        keys = FAMILY_GROUP_KEYS[family]
+    fam = find_family(family)
+    if fam is not None and fam.group_keys:
+        keys = fam.group_keys
     else:
         first = next((k for k in GROUP_KEYS if k in columns), None)
         keys = (first, *SECONDARY_GROUP_KEYS) if first else ()
@@ -632,12 +627,13 @@ def output_columns(
     output, labelled ``DEQ+CRR`` (CRR), ``DEQ`` (DEQ-INR) or its model label.
     ``key`` is one of :data:`OUTPUTS`.
     """
-    final_label = FINAL_LABELS.get(family or "", model)
+    fam = find_family(family)
+    final_label = (fam.final_label if fam is not None else "") or model
     cols: list[tuple[str, str, torch.Tensor | None]] = []
     if images is not None and images.zero_filled is not None and not _is_baseline(model):
         cols.append(("zero_filled", ZERO_FILLED_LABEL, images.zero_filled))
     stage1 = images.stage1 if images is not None else None
-    if family == "crr" or stage1 is not None:
+    if (fam is not None and fam.stage1) or stage1 is not None:
         cols.append(("stage1", STAGE1_LABEL, stage1))
     cols.append(("final", final_label, images.final if images is not None else None))
     return cols
@@ -857,7 +853,8 @@ def _image_report(
     elif images is not None:
         notes += _check_logged(chars, rec, images.source)
     if images is not None:
-        if images.stage1 is None and family == "crr":
+        fam = find_family(family)
+        if images.stage1 is None and fam is not None and fam.stage1:
             notes.append("stage-1 (DEQ) reconstruction not recorded: stage-1 panels are empty")
     histories = {k: metric_history(client, rid, k) for k in ("psnr", "loss", "stage")}
     stage1_psnr = float(rec["stage1/psnr"]) if _present(rec.get("stage1/psnr")) else math.nan

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, get_args, get_origin, get_type_hints
 
 import yaml
 
-FAMILIES = ("deq_inr", "crr", "deprox")
 SOLVERS = ("anderson", "broyden", "fixed_point_iter")
 
 
@@ -336,10 +336,16 @@ class ResourcesConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """One fully resolved experiment (a cell, once the seed is fixed)."""
+    """One fully resolved experiment (a cell, once the seed is fixed).
+
+    ``family`` names a :class:`suite.families.Family`: a registered name or a
+    ``module:NAME`` / ``path/to/file.py:NAME`` reference. A family whose config
+    sections are not fields here (a user's own) gets a subclass with them
+    (:func:`experiment_class`).
+    """
 
     name: str = "default"
-    family: str = _choice("crr", FAMILIES)
+    family: str = "crr"
     seed: int = _range(0, 0, 2**31 - 1)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -533,9 +539,54 @@ def load_config(
     else:
         data = read_yaml(source)
     flat = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
-    return build(ExperimentConfig, merge(data, flat))
+    return build_experiment(merge(data, flat))
 
 
 def replace(cfg: ExperimentConfig, **dotted: Any) -> ExperimentConfig:
     """Returns ``cfg`` with dotted keys replaced (validated): ``replace(cfg, **{"train.epochs": 3})``."""
-    return build(ExperimentConfig, merge(to_dict(cfg), dotted))
+    return build_experiment(merge(to_dict(cfg), dotted))
+
+
+@functools.lru_cache(maxsize=None)
+def experiment_class(family: str) -> type:
+    """The config class of ``family``: :class:`ExperimentConfig`, plus the family's own sections.
+
+    Raises:
+        ConfigError: the family does not resolve (unknown name, a module or file that
+            cannot be imported), or declares a section that is not a dataclass or
+            that clashes with a built-in one.
+    """
+    from suite.families import get_family
+
+    try:
+        fam = get_family(family)
+    except Exception as err:  # noqa: BLE001 - a user's module may fail in any way: one line, not a traceback
+        if isinstance(err, ValueError):
+            raise ConfigError(str(err)) from err
+        raise ConfigError(f"family {family!r}: importing it failed: {type(err).__name__}: {err}") from err
+    base = {f.name: f.type for f in fields(ExperimentConfig)}
+    extra = []
+    for key, section in fam.sections.items():
+        if not (isinstance(section, type) and is_dataclass(section)):
+            raise ConfigError(f"family {family!r}: section {key!r} must be a dataclass, got {section!r}")
+        if key in base:
+            if get_type_hints(ExperimentConfig)[key] is not section:
+                raise ConfigError(f"family {family!r}: section {key!r} clashes with the built-in section of that name")
+            continue
+        extra.append((key, section, field(default_factory=section)))
+    if not extra:
+        return ExperimentConfig
+    return make_dataclass("ExperimentConfig", extra, bases=(ExperimentConfig,), frozen=True)
+
+
+def build_experiment(tree: Mapping[str, Any]) -> ExperimentConfig:
+    """Builds the experiment config of the family ``tree`` names (default ``crr``), strictly validated.
+
+    A ``path/to/file.py:NAME`` family is recorded with its absolute path.
+    """
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"config: expected a mapping, got {tree!r}")
+    from suite.families import absolute_reference
+
+    family = absolute_reference(_coerce("family", tree.get("family", ExperimentConfig.family), str, {}))
+    return build(experiment_class(family), {**tree, "family": family} if "family" in tree else tree)

@@ -1,30 +1,12 @@
-"""Data registry: ``load_data(cfg)`` returns what the family's trainer consumes."""
+"""Data: ``load_data(cfg)`` returns what the family's ``fit`` consumes (its :class:`~suite.families.Family`'s loader)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
-from suite.config import ExperimentConfig
-from suite.registry import Registry
-
-DATASETS: Registry[Callable[[ExperimentConfig], Any]] = Registry("dataset")
+from typing import Any
 
 
-@DATASETS.register("deq_inr")
-@DATASETS.register("crr")
-def _image(cfg: ExperimentConfig) -> Any:
-    from suite.data.images import image_data
+def load_data(cfg: Any) -> Any:
+    """Loads the data of ``cfg.family`` (images for DEQ-INR/CRR, fastMRI volumes for DE-Prox, ...)."""
+    from suite.families import get_family
 
-    return image_data(cfg.data.image, cfg.data.size)
-
-
-@DATASETS.register("deprox")
-def _fastmri(cfg: ExperimentConfig) -> Any:
-    from suite.training.deprox import load_deprox_data
-
-    return load_deprox_data(cfg)
-
-
-def load_data(cfg: ExperimentConfig) -> Any:
-    """Loads the data of ``cfg.family`` (images for INR/CRR, fastMRI volumes for DE-Prox)."""
-    return DATASETS.get(cfg.family)(cfg)
+    return get_family(cfg.family).load_data(cfg)

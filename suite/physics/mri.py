@@ -92,6 +92,26 @@ def complex_inner(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return prod.flatten(1, -2).sum(1)
 
 
+def add_kspace_noise(y: torch.Tensor, mask: torch.Tensor, sigma: float,
+                     gen: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``y + sigma * n * mask``, ``n ~ N(0, I)`` on real and imaginary parts (sampled entries only).
+
+    Args:
+        y: k-space ``(B, C, H, W, 2)``.
+        mask: ``(B, 1, 1, W, 1)`` (or broadcastable).
+        sigma: noise level ``>= 0``; 0 returns ``y`` itself.
+        gen: CPU generator (reproducible noise, drawn on the CPU and moved to
+            ``y``'s device); None: torch's global RNG on ``y``'s device.
+
+    Returns:
+        Noisy k-space, shape of ``y``.
+    """
+    if sigma == 0:
+        return y
+    n = torch.randn_like(y) if gen is None else torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)
+    return y + sigma * n * mask.to(y.dtype)
+
+
 class MRIOperator(nn.Module):
     """Base class: ``forward(x) = A(x) + noise``; subclasses define ``A`` and ``A_adjoint``.
 
@@ -124,10 +144,7 @@ class MRIOperator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Simulated measurement ``A x + mask * sigma * n``, ``n ~ N(0, I)``; ``(B, C, H, W, 2)``."""
-        y = self.A(x)
-        if self.noise_sigma > 0:
-            y = y + self.noise_sigma * torch.randn_like(y) * self.mask.to(y.dtype)
-        return y
+        return add_kspace_noise(self.A(x), self.mask, self.noise_sigma)
 
 
 class SingleCoilMRI(MRIOperator):

@@ -1,39 +1,22 @@
 """Training entry point: ``fit(cfg, model, data, tracker, ckpt, outdir)``.
 
-Each experiment family registers its loop in :data:`TRAINERS`; all share that
-signature and return the final metrics.
+Each experiment family declares its loop (:attr:`suite.families.Family.fit`);
+all share that signature and return the final metrics. The skeleton they
+share (progress, batches, divergence check, per-phase peak memory, artifacts)
+is :mod:`suite.training.common`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from suite.config import ExperimentConfig
-from suite.registry import Registry
 from suite.training.checkpoint import Checkpointer
 from suite.training.tracker import MemoryTracker, NullTracker, Tracker
 
-TRAINERS: Registry[Callable[..., dict[str, float]]] = Registry("trainer")
-
-
-@TRAINERS.register("deq_inr")
-@TRAINERS.register("crr")
-def _fit_inr(*args: Any, **kwargs: Any) -> dict[str, float]:
-    from suite.training.inr import fit_inr
-
-    return fit_inr(*args, **kwargs)
-
-
-@TRAINERS.register("deprox")
-def _fit_deprox(*args: Any, **kwargs: Any) -> dict[str, float]:
-    from suite.training.deprox import fit_deprox
-
-    return fit_deprox(*args, **kwargs)
-
 
 def fit(
-    cfg: ExperimentConfig,
+    cfg: Any,
     model: Any,
     data: Any,
     tracker: Tracker,
@@ -41,7 +24,9 @@ def fit(
     outdir: str | Path | None = None,
 ) -> dict[str, float]:
     """Trains ``model`` on ``data`` as ``cfg.family`` prescribes; returns final metrics."""
-    return TRAINERS.get(cfg.family)(cfg, model, data, tracker, ckpt=ckpt, outdir=outdir)
+    from suite.families import get_family
+
+    return get_family(cfg.family).fit(cfg, model, data, tracker, ckpt=ckpt, outdir=outdir)
 
 
-__all__ = ["fit", "TRAINERS", "Checkpointer", "Tracker", "MemoryTracker", "NullTracker"]
+__all__ = ["fit", "Checkpointer", "Tracker", "MemoryTracker", "NullTracker"]

@@ -1,16 +1,90 @@
-"""Small helpers shared by the training loops: device, RNG state, peak memory, run files."""
+"""The training skeleton every family's loop shares.
+
+- :class:`Progress`: where a run is (stage, next epoch, wall time, what a stage
+  carries to the next); saved in every checkpoint.
+- :func:`index_batches`, :func:`check_finite` / :class:`DivergedError`: the
+  epoch's batches and the divergence check.
+- :func:`pick_device`, :func:`rng_state` / :func:`set_rng_state`: device and
+  the RNG state of a resume.
+- :class:`PhasePeak`: peak memory of one phase (training, evaluation). Every
+  family logs ``mem/peak_mb`` = the largest of its phases' peaks, measured the
+  same way (see :class:`PhasePeak`).
+- :func:`save_png`, :func:`log_run_files`: artifacts (PNGs, ``images.pt``, JSON).
+
+Checkpoints themselves go through :class:`~suite.training.checkpoint.Checkpointer`
+and, under DDP, :func:`suite.training.distributed.save_checkpoint` (rank 0 writes).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+
+
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss (a diverging solver, too large a learning rate)."""
+
+
+@dataclass
+class Progress:
+    """Where a run is; saved in its checkpoints.
+
+    Attributes:
+        stage: 1 or 2.
+        epoch: next epoch within the stage.
+        elapsed: wall time so far (s).
+        best: what a stage keeps for the next (CRR: the best refiner so far).
+        train_mem: training memory peak so far (MiB).
+        stage1_psnr: validation PSNR after stage 1 (when there is one).
+    """
+
+    stage: int = 1
+    epoch: int = 0
+    elapsed: float = 0.0
+    best: dict[str, Any] = field(default_factory=dict)
+    train_mem: float = 0.0
+    stage1_psnr: Optional[float] = None
+
+
+def check_finite(loss: Any, stage: int, epoch: int, hint: str) -> None:
+    """Raises :class:`DivergedError` when ``loss`` (a float or 0-d tensor) is not finite; ``hint`` says what to try."""
+    value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+    if not math.isfinite(value):
+        raise DivergedError(
+            f"non-finite loss ({value}) at stage {stage}, epoch {epoch}: the solver or the optimisation diverged "
+            f"(try {hint})"
+        )
+
+
+def index_batches(n: int, batch_size: int, gen: torch.Generator, device: Optional[torch.device] = None,
+                  whole: str = "none") -> list[Optional[torch.Tensor]]:
+    """Shuffled index batches of one epoch over ``n`` items.
+
+    Args:
+        n: number of items.
+        batch_size: items per batch; -1 (or ``>= n``): one batch of all.
+        gen: draws the permutation.
+        device: where the index tensors go (None: CPU).
+        whole: one batch of all is ``[None]`` without a draw (``"none"``) or the
+            shuffled permutation (``"shuffled"``, one draw).
+    """
+    full = batch_size < 0 or batch_size >= n
+    if full and whole == "none":
+        return [None]
+    perm = torch.randperm(n, generator=gen)
+    if device is not None:
+        perm = perm.to(device)
+    return [perm] if full else list(perm.split(batch_size))
 
 
 def pick_device(name: str) -> torch.device:
@@ -47,8 +121,76 @@ def peak_memory_mb(device: torch.device) -> float:
     """CUDA allocator peak on GPU, else the process's peak resident set size, in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    return _max_rss_mb()
+
+
+def _rss_mb() -> Optional[float]:
+    """Current resident set size of this process in MiB (Linux ``/proc``), else None."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _max_rss_mb() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+class PhasePeak:
+    """Peak memory of one phase (a ``with`` block), in MiB.
+
+    CUDA: the caching allocator's peak, after ``reset_peak_memory_stats`` on
+    entry (tensors only). CPU: the kernel's peak RSS (``ru_maxrss``) cannot be
+    reset, so a background thread samples the process's current resident set
+    size (``/proc/self/statm``) every ``interval`` seconds during the phase and
+    keeps the maximum. That is the whole process (interpreter, libraries, data,
+    and memory the allocator kept from earlier phases), and a lower bound of the
+    true peak between samples. Without ``/proc`` (macOS) it falls back to the
+    process's lifetime peak, which is not per phase.
+
+    Args:
+        device: the device the phase runs on.
+        interval: CPU sampling period in seconds.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.005) -> None:
+        self.device = device
+        self.interval = interval
+        self._peak = 0.0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "PhasePeak":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif _rss_mb() is not None:
+            self._peak = _rss_mb() or 0.0
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, _rss_mb() or 0.0)
+
+    def read(self) -> float:
+        """The peak so far in this phase (MiB)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        now = _rss_mb()
+        if now is None:
+            return _max_rss_mb()
+        self._peak = max(self._peak, now)
+        return self._peak
+
+    def __exit__(self, *exc: Any) -> None:
+        self.value = self.read()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def save_png(img: torch.Tensor, path: Path) -> Path:

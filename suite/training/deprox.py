@@ -51,35 +51,30 @@ and gathers their metrics; rank 0 checkpoints and writes artifacts.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import resource
-import shutil
-import sys
-import threading
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import default_collate
 
 import fastmri
-from suite import metrics as M
-from suite.config import ExperimentConfig, MRIConfig
-from suite.data.fastmri import FastMRISliceDataset
+from suite.config import ExperimentConfig
+from suite.data.mri import (  # noqa: F401  (re-exported: the data of this family)
+    DEProxData, SliceStore, ensure_synthetic, load_deprox_data, split_files, synthetic_dir,
+)
+from suite.metrics.registry import computed_metrics, score
 from suite.models.deprox import DEProx, Unrolled, ZeroFilled, complex_magnitude, last_to_chan
-from suite.physics.mri import make_mri_physics
+from suite.physics.mri import add_kspace_noise, make_mri_physics
 from suite.training import distributed as D
 from suite.training.checkpoint import Checkpointer
-from suite.training.common import log_run_files, pick_device, rng_state, save_png, set_rng_state
+from suite.training.common import (  # noqa: F401  (DivergedError, PhasePeak: re-exported)
+    DivergedError, PhasePeak, Progress, check_finite, index_batches, log_run_files, pick_device, rng_state, save_png,
+    set_rng_state,
+)
 from suite.training.losses import get_loss
 from suite.training.tracker import Tracker
 
@@ -99,278 +94,20 @@ __all__ = [
     "DivergedError",
 ]
 
-_SYNTH_FORMAT = 1  # bump when suite.data.synth changes what it writes
-_BATCH_KEYS = ("kspace", "mask", "sens_maps", "target_complex", "std")
-
-
-class DivergedError(RuntimeError):
-    """Training produced a non-finite loss (a diverging solver, too large a learning rate)."""
-
-
-# --------------------------------------------------------------------- data
-
-
-class SliceStore:
-    """The slices of a :class:`FastMRISliceDataset`, batched, grouped by volume.
-
-    Args:
-        dataset: the dataset.
-        preload: read every slice once and keep it in memory.
-    """
-
-    def __init__(self, dataset: FastMRISliceDataset, preload: bool = False) -> None:
-        self.dataset = dataset
-        self._items: Optional[list[dict]] = [dataset[i] for i in range(len(dataset))] if preload else None
-        groups: dict[str, list[int]] = {}
-        for i, (path, _) in enumerate(dataset.examples):
-            groups.setdefault(path.name, []).append(i)
-        self._volumes = list(groups.items())
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def volumes(self) -> list[tuple[str, list[int]]]:
-        """``(file name, slice indices)`` per volume, in file order."""
-        return self._volumes
-
-    def item(self, index: int) -> dict:
-        """One served slice (see :mod:`suite.data.fastmri` for its keys)."""
-        return self._items[index] if self._items is not None else self.dataset[index]
-
-    def batch(self, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
-        """Collated slices on ``device``.
-
-        Returns:
-            ``kspace (B, C, H, W, 2)``, ``mask (B, 1, 1, W, 1)``, ``target_complex
-            (B, H, W, 2)``, ``std (B,)`` and, for multi-coil data, ``sens_maps (B, C, H, W, 2)``.
-        """
-        items = [{k: v for k, v in self.item(int(i)).items() if k in _BATCH_KEYS} for i in indices]
-        return {k: v.to(device) for k, v in default_collate(items).items()}
-
-
-@dataclass
-class DEProxData:
-    """Training and validation slices of a DE-Prox cell.
-
-    Attributes:
-        train: training slices (None for ``zero_filled``, which does not train).
-        val: held-out validation volumes (all metrics are computed on them).
-        train_files: the training volumes.
-        val_files: the validation volumes.
-    """
-
-    train: Optional[SliceStore]
-    val: SliceStore
-    train_files: list[Path] = field(default_factory=list)
-    val_files: list[Path] = field(default_factory=list)
-
-
-def synthetic_dir(mri: MRIConfig) -> Path:
-    """Cache directory of the synthetic set ``mri`` describes (same settings, same directory).
-
-    Base: ``mri.synth_dir``, else ``$DEQBENCH_CACHE``, else ``~/.cache/deqbench``.
-    """
-    base = Path(mri.synth_dir or os.environ.get("DEQBENCH_CACHE") or Path.home() / ".cache" / "deqbench")
-    spec = _synthetic_spec(mri)
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    return base.expanduser().absolute() / f"fastmri_synth_{key}"
-
-
-def _synthetic_spec(mri: MRIConfig) -> dict[str, Any]:
-    return {
-        "format": _SYNTH_FORMAT, "volumes": mri.synth_volumes, "slices": mri.synth_slices,
-        "coils": mri.synth_coils, "size": list(mri.synth_size), "recon_size": list(mri.crop),
-        "anatomy": mri.synth_anatomy, "seed": mri.synth_seed,
-    }
-
-
-def ensure_synthetic(mri: MRIConfig) -> Path:
-    """Writes the synthetic set once (atomically: concurrent cells may race) and returns its directory.
-
-    The objects fit inside ``mri.crop`` (the synthetic reconstruction size).
-    """
-    from suite.data.synth import write_synthetic_dataset
-
-    final = synthetic_dir(mri)
-    if (final / "DONE").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        write_synthetic_dataset(
-            tmp, n_volumes=mri.synth_volumes, n_slices=mri.synth_slices, shape=tuple(mri.synth_size),
-            n_coils=mri.synth_coils, seed=mri.synth_seed, recon_size=tuple(mri.crop), anatomy=mri.synth_anatomy,
-        )
-        (tmp / "DONE").write_text(json.dumps(_synthetic_spec(mri)))
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / "DONE").is_file():  # not a lost race: a real error
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _h5_files(root: str, key: str) -> list[Path]:
-    path = Path(root).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"{key}: fastMRI data path {str(path)!r} does not exist")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".h5")
-        if not files:
-            raise ValueError(f"{key}: no .h5 files in directory {str(path)!r}")
-        return files
-    return [path]
-
-
-def split_files(mri: MRIConfig, need_train: bool = True) -> tuple[list[Path], list[Path]]:
-    """Training and validation volumes.
-
-    ``mri.val_root`` set: all of ``mri.root`` trains, all of ``val_root``
-    validates. Otherwise the last ``mri.val_volumes`` files of ``mri.root`` (by
-    name) validate and the others train.
-
-    Raises:
-        FileNotFoundError: a path does not exist.
-        ValueError: a directory has no ``.h5`` file, or no volume is left for training.
-    """
-    root = str(ensure_synthetic(mri)) if mri.root == "synthetic" else mri.root
-    files = _h5_files(root, "mri.root")
-    if mri.val_root:
-        return files, _h5_files(mri.val_root, "mri.val_root")
-    if need_train and len(files) <= mri.val_volumes:
-        raise ValueError(
-            f"mri.root {root!r} has {len(files)} volume(s); mri.val_volumes={mri.val_volumes} leaves none for "
-            "training (add volumes, lower mri.val_volumes or set mri.val_root)"
-        )
-    n_val = min(mri.val_volumes, len(files))
-    return files[: len(files) - n_val], files[len(files) - n_val :]
-
-
-def _dataset(files: list[Path], mri: MRIConfig) -> FastMRISliceDataset:
-    return FastMRISliceDataset(
-        files, challenge=mri.challenge, slice_range=(mri.slice_start, mri.slice_stop), crop_size=tuple(mri.crop),
-        crop_mode=mri.crop_mode, mask_type=mri.mask_type, accelerations=[mri.acceleration],
-        center_fractions=[mri.center_fraction], use_seed=True, clamp=mri.clamp,
-    )
-
-
-def load_deprox_data(cfg: ExperimentConfig) -> DEProxData:
-    """The data of a DE-Prox cell (``load_data`` for family ``deprox``).
-
-    Every volume gets a fixed mask seeded by its file name, so training,
-    evaluation and resumed runs see the same measurements.
-
-    Raises:
-        FileNotFoundError, ValueError: a missing path, or a volume the dataset
-            refuses (no ``kspace``, wrong dtype or shape, slice range outside the
-            volume, ...); messages name the file.
-    """
-    need_train = cfg.deprox.kind != "zero_filled"
-    train_files, val_files = split_files(cfg.mri, need_train)
-    train = SliceStore(_dataset(train_files, cfg.mri), cfg.mri.preload) if need_train else None
-    val = SliceStore(_dataset(val_files, cfg.mri), cfg.mri.preload)
-    return DEProxData(train, val, train_files, val_files)
-
-
-# --------------------------------------------------------------------- memory
-
-
-def _rss_mb() -> Optional[float]:
-    """Current resident set size of this process in MiB (Linux ``/proc``), else None."""
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _max_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
-
-
-class PhasePeak:
-    """Peak memory of one phase (a ``with`` block), in MiB.
-
-    CUDA: the caching allocator's peak, after ``reset_peak_memory_stats`` on
-    entry (tensors only). CPU: the kernel's peak RSS (``ru_maxrss``) cannot be
-    reset, so a background thread samples the process's current resident set
-    size (``/proc/self/statm``) every ``interval`` seconds during the phase and
-    keeps the maximum. That is the whole process (interpreter, libraries, data,
-    and memory the allocator kept from earlier phases), and a lower bound of the
-    true peak between samples. Without ``/proc`` (macOS) it falls back to the
-    process's lifetime peak, which is not per phase.
-
-    Args:
-        device: the device the phase runs on.
-        interval: CPU sampling period in seconds.
-    """
-
-    def __init__(self, device: torch.device, interval: float = 0.005) -> None:
-        self.device = device
-        self.interval = interval
-        self._peak = 0.0
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def __enter__(self) -> "PhasePeak":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif _rss_mb() is not None:
-            self._peak = _rss_mb() or 0.0
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._peak = max(self._peak, _rss_mb() or 0.0)
-
-    def read(self) -> float:
-        """The peak so far in this phase (MiB)."""
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        now = _rss_mb()
-        if now is None:
-            return _max_rss_mb()
-        self._peak = max(self._peak, now)
-        return self._peak
-
-    def __exit__(self, *exc: Any) -> None:
-        self.value = self.read()
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
 
 # --------------------------------------------------------------------- training steps
 
 
-@dataclass
-class Progress:
-    """Where a run is: stage, next epoch within it, wall time, training memory peak, stage-1 PSNR."""
-
-    stage: int = 1
-    epoch: int = 0
-    elapsed: float = 0.0
-    train_mem: float = 0.0
-    stage1_psnr: Optional[float] = None
+_HINT = "a smaller train.lr or deprox.pretrain_lr, deq.solver=anderson, or a smaller deprox.eta"
 
 
 def _check_finite(loss: float, stage: int, epoch: int) -> None:
-    if not math.isfinite(loss):
-        raise DivergedError(
-            f"non-finite loss ({loss}) at stage {stage}, epoch {epoch}: the solver or the optimisation "
-            "diverged (try a smaller train.lr or deprox.pretrain_lr, deq.solver=anderson, or a smaller deprox.eta)"
-        )
+    check_finite(loss, stage, epoch, _HINT)
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
     """Shuffled slice-index batches of one epoch (``batch_size`` -1: one batch of all)."""
-    perm = torch.randperm(n, generator=gen)
-    return [perm] if batch_size < 0 or batch_size >= n else list(perm.split(batch_size))
+    return index_batches(n, batch_size, gen, whole="shuffled")
 
 
 def _zero_loss(params: list[nn.Parameter]) -> torch.Tensor:
@@ -466,26 +203,6 @@ def noise_key(sigma: float, metric: str) -> str:
     return f"noise/{np.format_float_positional(float(sigma), trim='-')}/{metric}"
 
 
-def add_kspace_noise(y: torch.Tensor, mask: torch.Tensor, sigma: float, gen: torch.Generator) -> torch.Tensor:
-    """``y + sigma * n * mask``, ``n ~ N(0, I)`` on real and imaginary parts (sampled entries only).
-
-    Args:
-        y: k-space ``(B, C, H, W, 2)`` in the served units (the FFT is unitary and
-            the zero-filled magnitude image has unit std, so ``sigma`` is
-            image-domain noise relative to that std).
-        mask: ``(B, 1, 1, W, 1)``.
-        sigma: noise level ``>= 0``.
-        gen: CPU generator (reproducible noise).
-
-    Returns:
-        Noisy k-space, shape of ``y``.
-    """
-    if sigma == 0:
-        return y
-    n = torch.randn(y.shape, generator=gen, dtype=y.dtype).to(y.device)
-    return y + sigma * n * mask.to(y.dtype)
-
-
 @torch.no_grad()
 def reconstruct_volume(model: nn.Module, store: SliceStore, indices: Sequence[int], device: torch.device,
                        batch_size: int = -1, sigma: float = 0.0, gen: Optional[torch.Generator] = None
@@ -538,23 +255,16 @@ def volume_metrics(pred: torch.Tensor, target: torch.Tensor, cfg: ExperimentConf
         planes pooled (in %). VIF is NaN for slices under 41 x 41 pixels.
     """
     p, t = pred.unsqueeze(0), target.unsqueeze(0)
-    rng = float(t.max())
-    res = {"psnr": float(M.psnr(p, t, data_range=rng)[0]), "ssim": float(M.ssim(p, t, data_range=rng)[0])}
-    if full:
-        try:
-            vif = float(M.vif(p, t, data_range=rng)[0])
-        except ValueError:  # slices smaller than VIF's 4 scales need
-            vif = math.nan
-        ev = cfg.eval
-        res.update(nmse=float(M.nmse(p, t)[0]), vif=vif,
-                   hfe=float(M.hfe(p, cutoff=ev.hfe_cutoff, mode=ev.hfe_mode)[0]),
-                   sr=float(M.significant_residuals(p, t, threshold=ev.sr_threshold)[0]))
-    return res
+    return score(computed_metrics() if full else _QUICK_KEYS, p, t, cfg.eval, data_range=float(t.max()))
 
 
-_FULL_KEYS = ("psnr", "ssim", "nmse", "vif", "hfe", "sr", "zf/psnr", "zf/ssim",
-              "solver/eval_nstep", "solver/eval_abs_lowest", "solver/eval_rel_lowest")
 _QUICK_KEYS = ("psnr", "ssim")
+_EVAL_KEYS = ("zf/psnr", "zf/ssim", "solver/eval_nstep", "solver/eval_abs_lowest", "solver/eval_rel_lowest")
+
+
+def _full_keys() -> tuple[str, ...]:
+    """Every registered image metric (:func:`suite.metrics.registry.computed_metrics`), then :data:`_EVAL_KEYS`."""
+    return (*computed_metrics(), *_EVAL_KEYS)
 
 
 def _noise_gen(seed: int, sigma_index: int, volume: int) -> torch.Generator:
@@ -570,7 +280,7 @@ def evaluate(model: nn.Module, store: SliceStore, cfg: ExperimentConfig, device:
         volume's reconstruction (:func:`reconstruct_volume`; None on other ranks).
     """
     model.eval()
-    keys = _FULL_KEYS if full else _QUICK_KEYS
+    keys = _full_keys() if full else _QUICK_KEYS
     vols = store.volumes()
     s = D.shard(len(vols)) if D.is_distributed() else slice(0, len(vols))
     rows, first = [], None
@@ -735,7 +445,7 @@ def fit_deprox(
     model.eval()
     with PhasePeak(device) as peak:
         rows, first = evaluate(model, data.val, cfg, device, full=True)
-    results = {k: _mean(rows, k) for k in _FULL_KEYS}
+    results = {k: _mean(rows, k) for k in _full_keys()}
     if not trains:  # no solver: iteration counts are 0, residuals do not apply
         results = {k: v for k, v in results.items() if not k.startswith("solver/eval_") or k == "solver/eval_nstep"}
         results.update({"solver/fwd_nstep": 0.0, "solver/bwd_nstep": 0.0})

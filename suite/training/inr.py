@@ -4,7 +4,8 @@ Per epoch the tracker receives, with the global epoch as step: ``loss``,
 ``psnr`` (every ``train.eval_every`` epochs), ``solver/fwd_nstep``,
 ``solver/bwd_nstep``, ``solver/abs_lowest``, ``solver/rel_lowest``,
 ``time/epoch_s``, and ``stage``. At the end: ``psnr``, ``ssim``, ``nmse``,
-``vif``, ``hfe``, ``sr``, ``mem/peak_mb``, ``time/total_s`` (CRR also
+``vif``, ``hfe``, ``sr`` (every registered image metric), ``mem/train_peak_mb``,
+``mem/infer_peak_mb``, ``mem/peak_mb``, ``time/total_s`` (CRR also
 ``stage1/psnr`` and ``crr/gain_db``) and artifacts: reconstruction and residual
 PNGs, ``metrics.json`` and ``solver_trace.json``.
 
@@ -28,9 +29,8 @@ by more than rounding. Without a process group the code is unchanged.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -38,27 +38,15 @@ from torch import nn
 from suite import metrics as M
 from suite.config import EvalConfig, ExperimentConfig
 from suite.data.images import ImageData, pixels_to_image
+from suite.metrics.registry import computed_metrics, score
 from suite.training.checkpoint import Checkpointer
 from suite.training import distributed as D
-from suite.training.common import (
-    log_run_files, peak_memory_mb, pick_device, reset_peak_memory, rng_state, save_png, set_rng_state,
+from suite.training.common import (  # noqa: F401  (DivergedError: re-exported)
+    DivergedError, PhasePeak, Progress, check_finite, index_batches, log_run_files, pick_device, rng_state, save_png,
+    set_rng_state,
 )
 from suite.training.tracker import Tracker
 from suite.training.warm_start import Recipe, evaluate_grid, recipe_step
-
-
-class DivergedError(RuntimeError):
-    """Training produced a non-finite loss (a diverging solver, too large a learning rate)."""
-
-
-@dataclass
-class Progress:
-    """Where a run is: stage (1 or 2), next epoch within the stage, wall time so far."""
-
-    stage: int = 1
-    epoch: int = 0
-    elapsed: float = 0.0
-    best: dict[str, Any] = field(default_factory=dict)
 
 
 def _psnr(pred_img: torch.Tensor, data: ImageData) -> float:
@@ -67,18 +55,11 @@ def _psnr(pred_img: torch.Tensor, data: ImageData) -> float:
 
 def _batches(n: int, batch_size: int, gen: torch.Generator, device: torch.device) -> list[torch.Tensor | None]:
     """Index batches of one epoch; ``[None]`` means full batch."""
-    if batch_size < 0 or batch_size >= n:
-        return [None]
-    perm = torch.randperm(n, generator=gen).to(device)
-    return list(perm.split(batch_size))
+    return index_batches(n, batch_size, gen, device)
 
 
 def _check_finite(loss: torch.Tensor, stage: int, epoch: int) -> None:
-    if not torch.isfinite(loss):
-        raise DivergedError(
-            f"non-finite loss ({float(loss)}) at stage {stage}, epoch {epoch}: the solver or the "
-            "optimisation diverged (try a smaller train.lr, deq.solver=anderson, or model.norm=weight_norm)"
-        )
+    check_finite(loss, stage, epoch, "a smaller train.lr, deq.solver=anderson, or model.norm=weight_norm")
 
 
 def _ddp_step(model: nn.Module, opt: torch.optim.Optimizer, forward: Callable[[slice], tuple[torch.Tensor, dict]],
@@ -159,15 +140,9 @@ def _refiner_epoch(model: nn.Module, opt: torch.optim.Optimizer, data: ImageData
 
 
 def final_metrics(pred: torch.Tensor, target: torch.Tensor, ev: EvalConfig = EvalConfig()) -> dict[str, float]:
-    """Image quality of a final ``(1, 1, H, W)`` output against its ground truth."""
-    return {
-        "psnr": float(M.psnr(pred, target)[0]),
-        "ssim": float(M.ssim(pred, target)[0]),
-        "nmse": float(M.nmse(pred, target)[0]),
-        "vif": float(M.vif(pred, target)[0]),
-        "hfe": float(M.hfe(pred, target, cutoff=ev.hfe_cutoff, mode=ev.hfe_mode)[0]),
-        "sr": float(M.significant_residuals(pred, target, threshold=ev.sr_threshold)[0]),
-    }
+    """Every registered image metric (:func:`suite.metrics.registry.computed_metrics`) of a final
+    ``(1, 1, H, W)`` output against its ground truth (data range: the ground truth's)."""
+    return score(computed_metrics(), pred, target, ev)
 
 
 def _write_artifacts(outdir: Path, tracker: Tracker, pred: torch.Tensor, data: ImageData, results: dict, trace: dict,
@@ -198,24 +173,30 @@ def fit_inr(
     tracker: Tracker,
     ckpt: Checkpointer | None = None,
     outdir: str | Path | None = None,
+    refine: bool = False,
 ) -> dict[str, float]:
-    """Fits a DEQ-INR (family ``deq_inr``) or a CRR model (family ``crr``).
+    """Fits a DEQ-INR, then with ``refine`` a CRR refiner on the frozen DEQ (stage 2).
 
     Args:
         cfg: the resolved experiment.
-        model: :class:`~suite.models.deq_inr.DEQINR` or :class:`~suite.models.crr.CRR`.
+        model: :class:`~suite.models.deq_inr.DEQINR`, or with ``refine`` :class:`~suite.models.crr.CRR`
+            (any model with the same interface: ``solve``, ``hidden``; with ``refine`` ``deq``,
+            ``refiner``, ``freeze_deq``).
         data: the image (see :func:`suite.data.images.image_data`).
         tracker: receives metrics (see module docstring) and artifacts.
         ckpt: checkpoint manager; resumes from its newest checkpoint if any.
         outdir: where artifacts are written (None: no artifacts).
+        refine: run CRR's stage 2 (section ``crr``).
 
     Returns:
-        The final metrics (also logged).
+        The final metrics (also logged). Memory: ``mem/train_peak_mb`` (both stages'
+        epochs), ``mem/infer_peak_mb`` (the frozen DEQ's and the final evaluation),
+        ``mem/peak_mb`` the larger, each by :class:`~suite.training.common.PhasePeak`.
 
     Raises:
         DivergedError: the loss became non-finite.
     """
-    is_crr = cfg.family == "crr"
+    is_crr = refine
     device = pick_device(cfg.train.device)
     model.to(device)
     data = data.to(device)
@@ -234,7 +215,6 @@ def fit_inr(
         if prog.stage == 1:
             opt.load_state_dict(state["opt"])
     D.broadcast_module(model)  # data parallel: every rank starts from rank 0's weights
-    reset_peak_memory(device)
     t_start = time.perf_counter() - prog.elapsed
 
     def checkpoint(opt_: torch.optim.Optimizer, step: int) -> None:
@@ -248,26 +228,29 @@ def fit_inr(
 
     e1 = cfg.train.epochs
     if prog.stage == 1:
-        for epoch in range(prog.epoch, e1):
-            t0 = time.perf_counter()
-            batches = _batches(data.coords.shape[0], cfg.train.batch_size, gen, device)
-            row = _deq_epoch(deq, opt, data, batches, 1, epoch, recipe)
-            row["time/epoch_s"] = time.perf_counter() - t0
-            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == e1:
-                y_pix, ev = evaluate_grid(deq, data.coords, recipe)
-                row.update(ev, psnr=_psnr(pixels_to_image(y_pix, *data.shape), data))
-            tracker.log_metrics({**row, "stage": 1.0}, step=epoch)
-            prog.epoch = epoch + 1
-            if ckpt and ckpt.due(prog.epoch) and prog.epoch < e1 + (cfg.crr.epochs if is_crr else 0):
-                checkpoint(opt, prog.epoch)
+        with PhasePeak(device) as peak:
+            for epoch in range(prog.epoch, e1):
+                t0 = time.perf_counter()
+                batches = _batches(data.coords.shape[0], cfg.train.batch_size, gen, device)
+                row = _deq_epoch(deq, opt, data, batches, 1, epoch, recipe)
+                row["time/epoch_s"] = time.perf_counter() - t0
+                if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == e1:
+                    y_pix, ev = evaluate_grid(deq, data.coords, recipe)
+                    row.update(ev, psnr=_psnr(pixels_to_image(y_pix, *data.shape), data))
+                tracker.log_metrics({**row, "stage": 1.0}, step=epoch)
+                prog.epoch = epoch + 1
+                prog.train_mem = max(prog.train_mem, peak.read())
+                if ckpt and ckpt.due(prog.epoch) and prog.epoch < e1 + (cfg.crr.epochs if is_crr else 0):
+                    checkpoint(opt, prog.epoch)
+        prog.train_mem = max(prog.train_mem, peak.value)
         deq.eval()
-        mem_train = peak_memory_mb(device)
-        prog.best["stage1_mem"] = mem_train
 
-    y_deq_pix, eval_stats = evaluate_grid(deq, data.coords, recipe)
-    with torch.no_grad():
-        k = min(4096, data.coords.shape[0])
-        _, stats, _ = deq.solve(data.coords[:k], z0=recipe.cache[:k] if recipe.eval_from_cache else None)
+    with PhasePeak(device) as peak:
+        y_deq_pix, eval_stats = evaluate_grid(deq, data.coords, recipe)
+        with torch.no_grad():
+            k = min(4096, data.coords.shape[0])
+            _, stats, _ = deq.solve(data.coords[:k], z0=recipe.cache[:k] if recipe.eval_from_cache else None)
+    infer_mem = peak.value
     stage1_img = pixels_to_image(y_deq_pix, *data.shape)
     stage1_psnr = _psnr(stage1_img, data)
     trace = {"eval_rel_trace": stats["rel_trace"], "eval_nstep": stats["nstep"], "eval_init": cfg.deq.eval_init}
@@ -284,20 +267,23 @@ def fit_inr(
             opt2.load_state_dict(state["opt"])
         n_pix = data.coords.shape[0]
         refine_fn = lambda x: D.on_grid(lambda s: model(x[s], y_deq_pix[s]), n_pix, chunk=None)  # noqa: E731  (full grid only)
-        for epoch in range(prog.epoch, e2):
-            t0 = time.perf_counter()
-            row = _refiner_epoch(model, opt2, data, y_deq_pix, _batches(data.coords.shape[0], cfg.train.batch_size, gen, device), epoch)
-            row["time/epoch_s"] = time.perf_counter() - t0
-            model.eval()
-            with torch.no_grad():
-                cur = _psnr(pixels_to_image(refine_fn(data.coords), *data.shape), data)
-            row["psnr"] = cur
-            if cfg.crr.keep_best and cur > prog.best["psnr"]:
-                prog.best.update(psnr=cur, epoch=epoch, state={k: v.detach().clone() for k, v in model.refiner.state_dict().items()})
-            tracker.log_metrics({**row, "stage": 2.0}, step=e1 + epoch)
-            prog.epoch = epoch + 1
-            if ckpt and ckpt.due(prog.epoch) and prog.epoch < e2:
-                checkpoint(opt2, e1 + prog.epoch)
+        with PhasePeak(device) as peak:
+            for epoch in range(prog.epoch, e2):
+                t0 = time.perf_counter()
+                row = _refiner_epoch(model, opt2, data, y_deq_pix, _batches(data.coords.shape[0], cfg.train.batch_size, gen, device), epoch)
+                row["time/epoch_s"] = time.perf_counter() - t0
+                model.eval()
+                with torch.no_grad():
+                    cur = _psnr(pixels_to_image(refine_fn(data.coords), *data.shape), data)
+                row["psnr"] = cur
+                if cfg.crr.keep_best and cur > prog.best["psnr"]:
+                    prog.best.update(psnr=cur, epoch=epoch, state={k: v.detach().clone() for k, v in model.refiner.state_dict().items()})
+                tracker.log_metrics({**row, "stage": 2.0}, step=e1 + epoch)
+                prog.epoch = epoch + 1
+                prog.train_mem = max(prog.train_mem, peak.read())
+                if ckpt and ckpt.due(prog.epoch) and prog.epoch < e2:
+                    checkpoint(opt2, e1 + prog.epoch)
+        prog.train_mem = max(prog.train_mem, peak.value)
         if cfg.crr.keep_best:
             if prog.best["state"] is None:
                 # No epoch beat the frozen DEQ: the conservative choice is a zero residual.
@@ -306,11 +292,14 @@ def fit_inr(
             else:
                 model.refiner.load_state_dict(prog.best["state"])
         model.eval()
-        with torch.no_grad():
+        with PhasePeak(device) as peak, torch.no_grad():
             final_img = pixels_to_image(refine_fn(data.coords), *data.shape)
+        infer_mem = max(infer_mem, peak.value)
 
     results = final_metrics(final_img, data.image, cfg.eval)
-    results["mem/peak_mb"] = peak_memory_mb(device)
+    results["mem/train_peak_mb"] = prog.train_mem
+    results["mem/infer_peak_mb"] = infer_mem
+    results["mem/peak_mb"] = max(prog.train_mem, infer_mem)
     results["time/total_s"] = time.perf_counter() - t_start
     results.update(eval_stats)  # solver/eval_nstep, solver/eval_abs_lowest, solver/eval_rel_lowest
     if is_crr:

@@ -1,0 +1,142 @@
+"""Bring your own family: the shipped SIREN-filter example next to a built-in family, one sweep, one table.
+
+The sweep runs on the local launcher, whose cells are executed by
+``python -m jobs.node`` in other processes: the family reference and its own
+config section travel in the cell to the node job (as on Slurm and Ray, which
+run the same node job), and both families' runs land in one MLflow experiment
+and one ``deqbench table``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from suite.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "siren.yaml"
+FAMILY_FILE = REPO / "examples" / "siren_family.py"
+
+
+def deqbench(*args, cwd, timeout=600):
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """The example's two families in one 2-cell sweep (built-in DEQ-INR, SIREN), 2 epochs each."""
+    tmp = tmp_path_factory.mktemp("byo")
+    small = {"train.epochs": 2, "data.size": 41}
+    spec = {
+        "name": "byo",
+        "seeds": [0],
+        "groups": [{"base": str(REPO / "configs/experiments/deq_inr_tiny.yaml"), "set": small},
+                   {"base": str(EXAMPLE), "set": {**small, "siren.omega_0": 10.0}}],
+    }
+    (tmp / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    # from the repository root: the example names its file relative to the working directory
+    out = deqbench("sweep", tmp / "sweep.yaml", "--workers", "2", "--runs-dir", tmp / "runs", "--tracking-uri", uri,
+                   cwd=REPO)
+    return tmp, uri, out
+
+
+def test_user_family_runs_in_one_sweep_with_a_builtin(sweep):
+    tmp, uri, out = sweep
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 finished, 0 failed" in out.stdout
+    client = MlflowClient(uri)
+    found = client.search_runs([client.get_experiment_by_name("byo").experiment_id])
+    by_family = {}
+    for r in found:
+        by_family.setdefault(r.data.params["family"], []).append(r)
+    siren_ref = f"{FAMILY_FILE}:SIREN"  # recorded with its absolute path: any node job finds it
+    assert sorted(by_family) == sorted(["deq_inr", siren_ref])
+    siren = by_family[siren_ref]
+    assert [r.data.params["siren.omega_0"] for r in siren] == ["10.0"]
+    assert all(r.data.tags["family"] == siren_ref for r in siren)
+    for r in found:  # the same records as a built-in run: final metrics, per-phase memory, artifacts
+        assert r.info.status == "FINISHED"
+        for key in ("psnr", "ssim", "hfe", "sr", "mem/peak_mb", "mem/train_peak_mb", "mem/infer_peak_mb"):
+            assert key in r.data.metrics, key
+        arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"images.pt", "metrics.json", "reconstruction.png"} <= arts
+    # different filters, same data and steps: different outputs
+    assert len({round(r.data.metrics["psnr"], 6) for r in found}) == 2
+
+
+def test_one_table_from_both_families(sweep):
+    tmp, uri, _ = sweep
+    out = deqbench("table", "--experiment", "byo", "--rows", "family,siren.omega_0", "--metrics", "psnr,sr",
+                   "--format", "csv", "--tracking-uri", uri, cwd=tmp)
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("deq_inr", str(FAMILY_FILE)))]
+    assert len(lines) == 2, out.stdout
+    assert any(ln.startswith("deq_inr") for ln in lines)
+    assert any(ln.startswith(f"{FAMILY_FILE}:SIREN,10,") for ln in lines)
+
+
+def test_shipped_sweep_expands_both_families(tmp_path):
+    out = deqbench("sweep", REPO / "examples/siren_sweep.yaml", "--dry-run", "--runs-dir", tmp_path, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("siren_family.py:SIREN") == 4 and out.stdout.count("deq_inr") >= 2
+
+
+@pytest.fixture(autouse=True)
+def _from_repo_root(monkeypatch):
+    monkeypatch.chdir(REPO)  # the example names its file relative to the working directory
+
+
+def test_user_section_is_validated_strictly():
+    cfg = load_config(EXAMPLE, {"siren.omega_0": 12.5})
+    assert cfg.siren.omega_0 == 12.5 and cfg.family == f"{FAMILY_FILE}:SIREN"
+    with pytest.raises(ConfigError, match=r"unknown key 'siren.omega' .*valid keys in siren: omega_0"):
+        load_config(EXAMPLE, {"siren.omega": 1.0})
+    with pytest.raises(ConfigError, match=r"siren.omega_0: value -1.0 out of range"):
+        load_config(EXAMPLE, {"siren.omega_0": -1.0})
+    with pytest.raises(ConfigError, match="unknown key 'siren'"):  # a built-in family has no such section
+        load_config(REPO / "configs/experiments/deq_inr_tiny.yaml", {"siren.omega_0": 1.0})
+
+
+def test_bad_family_references_are_one_line_errors(tmp_path):
+    for ref, words in [("nope", "unknown family 'nope'; valid: crr, deprox, deq_inr"),
+                       ("no_such_module:X", "cannot import module 'no_such_module'"),
+                       (f"{FAMILY_FILE}:NOPE", "has no attribute 'NOPE'"),
+                       ("missing.py:X", "not found"),
+                       (f"{FAMILY_FILE}:SirenConfig", "not a suite.families.Family")]:
+        with pytest.raises(ConfigError, match=words):
+            load_config(EXAMPLE, {"family": ref})
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('boom')\n")
+    (tmp_path / "e.yaml").write_text(f"family: {broken}:F\n")
+    out = deqbench("run", tmp_path / "e.yaml", cwd=tmp_path)
+    assert out.returncode == 2 and "importing it failed: RuntimeError: boom" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_entry_point_family(tmp_path, monkeypatch):
+    """An installed package's family, found by its ``deqbench.families`` entry point name."""
+    (tmp_path / "my_deq_family.py").write_text(textwrap.dedent(f"""
+        from suite.families import get_family
+        FAMILY = get_family({str(FAMILY_FILE) + ":SIREN"!r})
+    """))
+    dist = tmp_path / "my_deq_family-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-deq-family\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[deqbench.families]\nmy_siren = my_deq_family:FAMILY\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from suite.families import FAMILIES, family_names
+
+    monkeypatch.delitem(FAMILIES, "my_siren", raising=False)
+    cfg = load_config(EXAMPLE, {"family": "my_siren", "siren.omega_0": 3.0})
+    assert cfg.family == "my_siren" and cfg.siren.omega_0 == 3.0
+    assert "my_siren" in family_names()
+    FAMILIES.pop("my_siren", None)
