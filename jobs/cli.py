@@ -186,6 +186,9 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``deqbench`` argument parser."""
+    from analysis.table import BOLD_CHOICES, FORMATS  # choices come from the registries (light imports)
+    from jobs.launchers import LAUNCHERS
+
     p = argparse.ArgumentParser(prog="deqbench", description="Benchmark Deep Equilibrium models in imaging.")
     p.add_argument("--version", action="version", version=f"deqbench {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -197,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sweep", help="expand a sweep and launch its unfinished cells")
     s.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/crr_demo.yaml")
-    s.add_argument("--launcher", default="local", choices=["local", "submitit", "ray"])
+    s.add_argument("--launcher", default="local", choices=LAUNCHERS.names())
     s.add_argument("--launcher-config", default=None, help="launcher YAML, e.g. configs/launchers/local_slurm.yaml")
     s.add_argument("--workers", type=int, default=None, help="local launcher: concurrent cells (default: one per GPU when cells train on GPUs, else one per core)")
     s.add_argument("--dry-run", action="store_true", help="print the cells (and sbatch script) and submit nothing")
@@ -219,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rows", required=True, help="comma-separated config keys, e.g. data.image")
     s.add_argument("--cols", default="", help="comma-separated config keys (may be empty)")
     s.add_argument("--metrics", required=True, help="comma-separated metric names, e.g. stage1/psnr,psnr,crr/gain_db")
-    s.add_argument("--format", default="md", choices=["md", "latex", "csv"])
+    s.add_argument("--format", default="md", choices=FORMATS)
     s.add_argument("--decimals", type=int, default=2)
     s.add_argument("--out", default=None, help="also write the table to this file")
     s.add_argument("--source", default=None, help="read an exported .parquet/.csv instead of MLflow")
@@ -228,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(max/min by the metric's direction); per metric, e.g. psnr=best,loss=last")
     s.add_argument("--ci", action="store_true",
                    help="show mean ± 95%% t-interval half-width over seeds instead of ± std")
-    s.add_argument("--bold", default="best", choices=["best", "tied"],
+    s.add_argument("--bold", default="best", choices=BOLD_CHOICES,
                    help="best: the best mean per column (default); tied: also every cell not "
                         "significantly worse (one-sided Welch t-test over seeds, p >= 0.05)")
     _common(s)
