@@ -172,7 +172,10 @@ def cmd_ui(a: argparse.Namespace) -> int:
         print("  no runs yet: run a sweep (deqbench sweep FILE), then restart deqbench ui for its link", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", a.host, "--port", str(a.port),
            "--workers", str(a.workers)]
-    return subprocess.call(cmd, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    # MLflow's GenAI job runner (8 more processes) is off unless asked for:
+    # the UI starts sooner (17-21 s instead of 27-45 s on 2 busy cores)
+    no_jobs = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return subprocess.call(cmd, env={**no_jobs, **os.environ, "MLFLOW_TRACKING_URI": uri})
 
 
 def _version() -> str:
