@@ -210,7 +210,7 @@ def run_cell(cell: Cell, wrap_tracker: Callable[[Any], Any] | None = None) -> di
             ckpt.before_save.append(lambda: _flush_or_keep(tracker, ckpt))
             out["run_id"] = tracker.run_id
             write_status(workdir, state="RUNNING", run_id=tracker.run_id, host=socket.gethostname(), pid=os.getpid(),
-                         started=time.time(), resumed_from=bool(latest), error=None, world_size=ctx.world_size,
+                         started=time.time(), resumed_from=bool(latest), error=None, reason=None, world_size=ctx.world_size,
                          early_stopped=False,
                          slurm_job_id=_slurm_job_id(), resumable=False, progress=None)
             tracker.log_artifact(workdir / "config.yaml")
@@ -286,18 +286,63 @@ def _slurm_job_id() -> str | None:
     return env.get("SLURM_JOB_ID")
 
 
+REASON_TAG = "deqbench.failure_reason"
+"""MLflow tag holding a failed or killed cell's reason in a word (``status.json`` field ``reason``)."""
+
+
+def _reason_code(state: str, error: str) -> str:
+    """The node job's own word for a failure: the exception's type, or the signal that stopped it."""
+    if state == "FAILED":
+        return error.split(":", 1)[0] or "FAILED"
+    return signal.Signals(_STOP["signum"]).name if _STOP["signum"] else "interrupted"
+
+
 def _record_failure(workdir: Path, tracker: Any, state: str, reason: str, tb: str = "",
                     status_state: str | None = None) -> None:
-    write_status(workdir, state=status_state or state, error=reason, traceback=tb, ended=time.time())
+    code = _reason_code(state, reason)
+    write_status(workdir, state=status_state or state, error=reason, reason=code, traceback=tb, ended=time.time())
     if tracker is not None:
         try:
             # KILLED resumes from its checkpoint and replays the buffered epochs;
             # FAILED starts afresh, so its curve up to the failure is kept.
             tracker.flush() if state == "FAILED" else tracker.discard()
-            tracker.set_tags({"failure_reason": reason[:5000]})
+            tracker.set_tags({"failure_reason": reason[:5000], REASON_TAG: code})
             tracker.terminate(state)
         except Exception as err:  # noqa: BLE001 - the store itself may be the failure
             print(f"deqbench: could not record {state} in MLflow: {err}", file=sys.stderr)
+
+
+def record_end(cell: Cell, state: str, reason: str, error: str | None = None) -> None:
+    """Records from outside the node job why a cell ended: a launcher or ``deqbench cancel`` knows better.
+
+    ``status.json`` gets ``state``, ``reason`` (and ``error`` when given); the
+    cell's MLflow run gets the :data:`REASON_TAG` tag and, when it is still
+    RUNNING (the node job was killed before it could say so), ``failure_reason``
+    and the end ``state`` (KILLED or FAILED).
+
+    Args:
+        cell: the cell.
+        state: ``KILLED`` (resumable) or ``FAILED``.
+        reason: a word: ``CANCELLED``, ``TIMEOUT``, ``OUT_OF_MEMORY``, ``exit code 3``, ...
+        error: the sentence for ``status.json``'s ``error`` and the run's ``failure_reason``.
+    """
+    from jobs import tracking
+
+    fields: dict[str, Any] = {"state": state, "reason": reason, "ended": time.time()}
+    if error:
+        fields["error"] = error
+    write_status(cell.workdir, **fields)
+    run_id = read_status(cell.workdir).get("run_id")
+    if not run_id:
+        return
+    try:
+        tracker = tracking.MlflowTracker(cell.tracking_uri or tracking.resolve_tracking_uri(), run_id)
+        tracker.set_tags({REASON_TAG: reason})
+        if tracking.client(tracker.uri).get_run(run_id).info.status == "RUNNING":
+            tracker.set_tags({"failure_reason": (error or reason)[:5000]})
+            tracker.terminate(state)
+    except Exception as err:  # noqa: BLE001 - a deleted run or an unreachable store must not stop the others
+        print(f"deqbench: could not record {state} ({reason}) of cell {cell.hash} in MLflow: {err}", file=sys.stderr)
 
 
 class NodeJob:
@@ -339,7 +384,8 @@ class NodeJob:
             try:
                 requeue_handler(signal.SIGUSR2, None)  # rank 0: checkpoint(), requeue, sys.exit; others: returns
             except Exception as err:  # submitit's UncompletedJobError: timed out too often
-                write_status(cell.workdir, state="FAILED", error=f"not requeued: {err}")
+                write_status(cell.workdir, state="FAILED", error=f"not requeued: {err}",
+                             reason="TIMEOUT" if "timed-out" in str(err) else "not requeued")
                 raise
         if out["state"] in ("REQUEUED", "KILLED") and _STOP["signum"] is not None:
             sys.exit(1)  # no result pickle: the (requeued or cancelled) job is not done

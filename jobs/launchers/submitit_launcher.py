@@ -15,8 +15,8 @@ takes the launcher config's ``nodes``/``tasks_per_node``/``gpus_per_node``/
 
 Files: logs, sbatch scripts and pickles under ``<runs>/<sweep>/slurm/<job id>/``;
 each cell's work directory gets ``cell.json`` and ``submitted.json`` (job id,
-array index), which ``deqbench status`` combines with ``squeue`` (no Slurm
-accounting needed).
+array index), which ``deqbench status`` combines with ``sacct`` (or ``squeue``
+without accounting) and ``deqbench cancel`` hands to ``scancel``.
 """
 
 from __future__ import annotations
@@ -193,62 +193,94 @@ def submit(cells: list[Cell], config: dict[str, Any]) -> list[tuple[Cell, Any]]:
     return submitted
 
 
-def wait(submitted: list[tuple[Cell, Any]], poll_s: float = 2.0) -> list[dict[str, Any]]:
-    """Waits until every job has ended (polling ``squeue``), then reads each cell's outcome.
+def next_interval(current: float, changed: bool, first: float, longest: float) -> float:
+    """The wait before the next poll: ``first`` after a change, else 1.5 times longer, at most ``longest``."""
+    return first if changed else min(current * 1.5, longest)
 
-    A requeued job (time limit, preemption) counts as running until its last
-    attempt ends. A job that ended without its node job reporting (killed,
-    cancelled, out of memory) is recorded as FAILED with Slurm's state and its log.
+
+def wait(submitted: list[tuple[Cell, Any]], poll_s: tuple[float, float] = (10.0, 120.0)) -> list[dict[str, Any]]:
+    """Waits until every job has ended, then reads each cell's outcome.
+
+    Job states come from ``sacct`` when accounting works, else ``squeue``
+    (:func:`jobs.slurm_env.job_details`). The first poll waits ``poll_s[0]``;
+    each poll that sees no change waits 1.5 times longer, up to ``poll_s[1]``,
+    and a change starts again at ``poll_s[0]``. A requeued job (time limit,
+    preemption) counts as running until its last attempt ends. Why a job ended
+    badly (``TIMEOUT``, ``OUT_OF_MEMORY``, ``NODE_FAIL``, ``CANCELLED``, an exit
+    code) goes into the cell's ``status.json`` (``reason``) and its MLflow run
+    (tag ``deqbench.failure_reason``), see :func:`_outcome`.
 
     Returns:
         One outcome per cell, as the local launcher's.
     """
-    from jobs.slurm_env import TERMINAL_STATES, UNKNOWN_STATE, job_states
+    from jobs.slurm_env import TERMINAL_STATES, UNKNOWN_STATE, JobState, job_details
 
     ids = {str(job.job_id) for _, job in submitted}
     arrays = sorted({i.split("_")[0] for i in ids})
-    final: dict[str, str] = {}
-    start, last = time.time(), None
+    final: dict[str, JobState] = {}
+    start, last, interval = time.time(), None, poll_s[0]
     while len(final) < len(ids):
-        states = job_states(arrays)
+        details = job_details(arrays)
         for i in ids - set(final):
-            s = states.get(i, UNKNOWN_STATE)
-            if s in TERMINAL_STATES or (s == UNKNOWN_STATE and time.time() - start > 30):
-                final[i] = s
-        counts = Counter(states.get(i, UNKNOWN_STATE) if i not in final else "DONE" for i in ids)
+            js = details.get(i, JobState(UNKNOWN_STATE))
+            if js.state in TERMINAL_STATES or (js.state == UNKNOWN_STATE and time.time() - start > 30):
+                final[i] = js
+        counts = Counter(details.get(i, JobState(UNKNOWN_STATE)).state if i not in final else "DONE" for i in ids)
         line = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+        sources = "/".join(sorted({js.source for js in details.values()} - {"none"})) or "none"
+        interval = next_interval(interval, line != last, *poll_s)
         if line != last:
-            print(f"  slurm [{time.time() - start:5.0f} s]: {line}", file=sys.stderr, flush=True)
+            print(f"  slurm [{time.time() - start:5.0f} s] ({sources}): {line}", file=sys.stderr, flush=True)
             last = line
         if len(final) < len(ids):
-            time.sleep(poll_s)
+            time.sleep(interval)
     return [_outcome(c, job, final[str(job.job_id)]) for c, job in submitted]
 
 
-def _outcome(cell: Cell, job: Any, slurm_state: str) -> dict[str, Any]:
+def _outcome(cell: Cell, job: Any, js: Any) -> dict[str, Any]:
+    """A cell's outcome once its job ended, with Slurm's reason recorded where it says more.
+
+    The node job did not report (killed at the time limit, out of memory, node
+    failure, cancelled before it could): the cell is KILLED -- resumable from
+    its last checkpoint -- when the job was cancelled, timed out, preempted or
+    lost its node, else FAILED. It did report but Slurm knows why it stopped
+    (``TIMEOUT`` after the node job's graceful stop on SIGTERM, ``CANCELLED``):
+    that reason replaces the node job's own word (``SIGTERM``).
+    """
+    from jobs.node import record_end
+    from jobs.slurm_env import RESUMABLE_END_STATES, failure_reason
+
     status = read_status(cell.workdir)
     sub = read_submitted(cell.workdir)
     fresh = status.get("updated", 0) >= sub.get("submitted", 0)
-    if not fresh or status.get("state") not in ("FINISHED", "FAILED", "KILLED"):
-        reason = (f"Slurm job {job.job_id} ended {slurm_state} without the node job reporting an outcome; "
-                  f"see {job.paths.stdout} and {job.paths.stderr}")
-        write_status(cell.workdir, state="FAILED", error=reason)
-        status = read_status(cell.workdir)
+    reported = status.get("state") if fresh else None
+    why = failure_reason(js)
+    if reported not in ("FINISHED", "FAILED", "KILLED"):
+        state = "KILLED" if js.state in RESUMABLE_END_STATES else "FAILED"
+        record_end(cell, state, why or f"no outcome ({js.state})",
+                   f"Slurm job {job.job_id} ended {js.state}{f' ({why})' if why and why != js.state else ''} "
+                   f"without the node job reporting an outcome; see {job.paths.stdout} and {job.paths.stderr}")
+    elif why and reported != "FINISHED" and js.state != "FAILED" and status.get("reason") != why:
+        record_end(cell, reported, why)
+    status = read_status(cell.workdir)
     return {"hash": cell.hash, "label": cell.label, "state": status.get("state", "FAILED"),
             "run_id": status.get("run_id"), "error": status.get("error"), "results": status.get("results"),
-            "slurm_job_id": str(job.job_id), "slurm_state": slurm_state}
+            "reason": status.get("reason"), "slurm_job_id": str(job.job_id), "slurm_state": js.state}
 
 
 def launch(cells: list[Cell], args: argparse.Namespace) -> list[dict[str, Any]] | None:
     """Validates the launcher config, submits, and (unless ``--no-wait``) waits for the outcomes."""
+    from jobs.slurm_env import poll_intervals
+
     config = load_config(args)
     submitted = submit(cells, config)
+    sweep = getattr(args, "sweep", "SWEEP.yaml")
     if getattr(args, "no_wait", False):
-        print(f"not waiting (--no-wait): follow with `deqbench status {getattr(args, 'sweep', 'SWEEP.yaml')}`")
+        print(f"not waiting (--no-wait): follow with `deqbench status {sweep}`, stop with `deqbench cancel {sweep}`")
         return None
     try:
-        return wait(submitted)
+        return wait(submitted, poll_intervals(config))
     except KeyboardInterrupt:
-        print("\nstopped waiting; the Slurm jobs keep running (deqbench status shows them, scancel stops them)",
-              file=sys.stderr)
+        print(f"\nstopped waiting; the Slurm jobs keep running (`deqbench status {sweep}` shows them, "
+              f"`deqbench cancel {sweep}` stops them)", file=sys.stderr)
         raise
