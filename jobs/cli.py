@@ -32,7 +32,8 @@ def _print_outcomes(outcomes: list[dict[str, Any]]) -> int:
     for o in sorted(outcomes, key=lambda o: o["label"]):
         res = o.get("results") or {}
         extra = f"psnr={res['psnr']:.2f} dB" if "psnr" in res else (o.get("error") or "")
-        print(f"  {o['state']:<9} {o['hash']}  {o['label']}  {extra}")
+        why = f"[{o['reason']}] " if o.get("reason") and o["state"] != "FINISHED" else ""
+        print(f"  {o['state']:<9} {o['hash']}  {o['label']}  {why}{extra}")
     print(f"{len(outcomes) - len(failed)} finished, {len(failed)} failed")
     return 1 if failed else 0
 
@@ -92,6 +93,14 @@ def cmd_status(a: argparse.Namespace) -> int:
     text, counts = show()
     print(text)
     return 1 if counts.get("FAILED") else 0  # exit codes as for a sweep: 1 when a cell failed
+
+
+def cmd_cancel(a: argparse.Namespace) -> int:
+    from jobs import tracking
+    from jobs.launchers.cancel import cancel_command
+
+    print(cancel_command(a.sweep, a.runs_dir, tracking.resolve_tracking_uri(a.tracking_uri), a.wait_s))
+    return 0
 
 
 def cmd_table(a: argparse.Namespace) -> int:
@@ -219,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refresh every SECONDS (default 5) until no cell is running or pending")
     _common(s)
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("cancel", help="stop a sweep on any launcher; its cells end KILLED and resume on a rerun")
+    s.add_argument("sweep")
+    s.add_argument("--runs-dir", default=None)
+    s.add_argument("--wait-s", type=float, default=60.0,
+                   help="how long to wait for running cells to checkpoint and stop (default 60)")
+    _common(s)
+    s.set_defaults(func=cmd_cancel)
 
     s = sub.add_parser("table", help="ablation table (mean ± std over seeds, best in bold)")
     s.add_argument("--experiment", required=True, help="MLflow experiment (the sweep's name)")

@@ -12,20 +12,30 @@ and its process sees only those through ``CUDA_VISIBLE_DEVICES``; it starts only
 once they are free, so no GPU is ever shared. A cell that needs more than exist
 fails at once, the others go on. A ``train.device: cpu`` cell on a GPU machine
 sees no GPU (``CUDA_VISIBLE_DEVICES=""``).
+
+Stopping (:class:`Stopper`): Ctrl-C, SIGTERM or ``deqbench cancel`` (which
+sends SIGINT to the process named in ``<runs>/<sweep>/launcher.json``) starts
+no more cells and stops the running ones at their next epoch end with a
+checkpoint; every unfinished cell ends KILLED (reason ``CANCELLED``) and a
+rerun of the sweep resumes it. A cell process that dies on its own without
+reporting is FAILED with its exit code or signal as the reason.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
 from jobs.cells import Cell
 from jobs.launchers.gpus import DevicePool, discover_devices, wants_gpus
-from jobs.node import read_status, write_status
+from jobs.launchers.cancel import record_launcher
+from jobs.node import read_status, record_end, write_status
 
 Command = Callable[[Cell, Path], list[str]]
 
@@ -40,19 +50,90 @@ def node_command(cell: Cell, path: Path) -> list[str]:
 
 def _outcome(cell: Cell, status: dict[str, Any]) -> dict[str, Any]:
     return {"hash": cell.hash, "label": cell.label, "state": status.get("state", "FAILED"),
-            "run_id": status.get("run_id"), "error": status.get("error"), "results": status.get("results")}
+            "run_id": status.get("run_id"), "error": status.get("error"), "results": status.get("results"),
+            "reason": status.get("reason")}
 
 
 def _fail(cell: Cell, reason: str) -> dict[str, Any]:
     """Marks ``cell`` FAILED before it started (its ``log.txt`` says why too)."""
     with open(Path(cell.workdir) / "log.txt", "a") as log:
         log.write(f"deqbench: {reason}\n")
-    write_status(cell.workdir, state="FAILED", error=reason)
+    write_status(cell.workdir, state="FAILED", error=reason, reason="not enough GPUs")
     return _outcome(cell, read_status(cell.workdir))
 
 
+class Stopper:
+    """The sweep's stop switch: SIGINT (Ctrl-C, ``deqbench cancel``) or SIGTERM to the launcher.
+
+    The first signal starts no more cells and sends SIGTERM to each running
+    one (its process group: torchrun and its ranks), which stops at its next
+    epoch end with a checkpoint; a second signal sends SIGKILL. Cell processes
+    run in their own session, so a Ctrl-C reaches them only through here.
+    """
+
+    def __init__(self) -> None:
+        self.signals = 0
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def stopping(self) -> bool:
+        return self.signals > 0
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        self.signals += 1
+        sig = signal.SIGTERM if self.signals == 1 else signal.SIGKILL
+        print(f"\ndeqbench: {signal.Signals(signum).name}: stopping the sweep; running cells get {sig.name}"
+              + (" (checkpoint at the next epoch end; again to kill them now)" if self.signals == 1 else ""),
+              file=sys.stderr, flush=True)
+        with self._lock:
+            for proc in self._procs:
+                self._kill(proc, sig)
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen, sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def run(self, cmd: list[str], **kwargs: Any) -> int | None:
+        """Runs ``cmd`` in its own session until it ends; its return code, None if the sweep was stopped before."""
+        with self._lock:
+            if self.stopping:
+                return None
+            proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+            self._procs.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+
+    def __enter__(self) -> "Stopper":
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _exit_reason(code: int) -> str:
+    """``exit code 3`` or ``signal SIGKILL`` for a process's return code."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
+
+
 def _run_one(cell: Cell, threads: int, pool: DevicePool | None = None, hide_gpus: bool = False,
-             command: Command = node_command) -> dict[str, Any]:
+             command: Command = node_command, stopper: Stopper | None = None) -> dict[str, Any]:
     """Runs one cell's process and returns its outcome.
 
     Args:
@@ -61,7 +142,9 @@ def _run_one(cell: Cell, threads: int, pool: DevicePool | None = None, hide_gpus
         pool: GPUs to take ``cell.world_size`` of (waiting until they are free); None: a CPU cell.
         hide_gpus: a CPU cell on a machine with GPUs: its process sees none.
         command: builds the command line (default :func:`node_command`).
+        stopper: the sweep's stop switch (a stopped sweep starts no more cells; they end KILLED).
     """
+    stopper = stopper or Stopper()
     path = cell.save()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "DEQBENCH_TORCH_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
@@ -76,17 +159,21 @@ def _run_one(cell: Cell, threads: int, pool: DevicePool | None = None, hide_gpus
         env["CUDA_VISIBLE_DEVICES"] = ""
     try:
         with open(Path(cell.workdir) / "log.txt", "ab") as log:
-            proc = subprocess.run(command(cell, path), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+            code = stopper.run(command(cell, path), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
     finally:
         if pool is not None:
             pool.release(devices)
     status = read_status(cell.workdir)
-    if proc.returncode != 0 and status.get("state") not in ("FAILED", "KILLED"):
-        # The process died without reporting (killed, segfault): record it here.
-        reason = f"node process exited with code {proc.returncode}; see {cell.workdir}/log.txt"
-        write_status(cell.workdir, state="FAILED", error=reason)
-        status = read_status(cell.workdir)
-    return _outcome(cell, status)
+    ended = status.get("state") in ("FINISHED", "FAILED")
+    if code is None or (stopper.stopping and not ended and (code != 0 or status.get("state") == "KILLED")):
+        # Stopped by the user (Ctrl-C, deqbench cancel): resumable, whether it had begun or not.
+        record_end(cell, "KILLED", "CANCELLED", status.get("error") if status.get("state") == "KILLED" else
+                   "the sweep was stopped (Ctrl-C or deqbench cancel); running it again resumes this cell")
+    elif code != 0 and status.get("state") not in ("FAILED", "KILLED"):
+        # The process died without reporting (killed, segfault, out of memory): record it here.
+        record_end(cell, "FAILED", _exit_reason(code),
+                   f"node process ended with {_exit_reason(code)}; see {cell.workdir}/log.txt")
+    return _outcome(cell, read_status(cell.workdir))
 
 
 def default_workers(workers: int | None, n_cells: int, n_gpus: int, gpu_cells: int) -> int:
@@ -144,11 +231,13 @@ def submit(cells: list[Cell], workers: int | None = None, progress: bool = True,
     pool = DevicePool(ids)
     threads = max(1, (os.cpu_count() or 1) // workers)
     outcomes: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(max_workers=workers) as executor:
+    if cells:
+        record_launcher(cells, "local")
+    with Stopper() as stopper, ThreadPoolExecutor(max_workers=workers) as executor:
         # A worker's share of the cores is split between a DDP cell's ranks: 2 ranks x 2 threads
         # on 2 cores ran 2.8x slower per epoch than 2 x 1 (deqbench bench ddp).
         futures = {executor.submit(_run_one, c, max(1, threads // c.world_size), pool if on_gpu[c.hash] else None,
-                                   bool(ids), command or node_command): c for c in cells}
+                                   bool(ids), command or node_command, stopper): c for c in cells}
         bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=not progress, file=sys.stderr)
         for fut in as_completed(futures):
             res = fut.result()
@@ -156,4 +245,7 @@ def submit(cells: list[Cell], workers: int | None = None, progress: bool = True,
             bar.set_postfix_str(f"{res['label']}: {res['state']}")
             bar.update(1)
         bar.close()
+    if stopper.stopping:
+        print(f"sweep stopped: {sum(o['state'] == 'KILLED' for o in outcomes)} cell(s) KILLED; "
+              "running the sweep again resumes them from their checkpoints", file=sys.stderr, flush=True)
     return outcomes

@@ -31,6 +31,8 @@ whose unfinished cells were all in that experiment restores it
 (``Tuner.restore``: finished trials stay finished, interrupted ones start
 again and their node jobs resume from their checkpoints into the same MLflow
 runs). Otherwise the old experiment is moved aside and a new one starts.
+``deqbench cancel`` does what a Ctrl-C on the driver does (it sends SIGINT to
+the process named in ``<runs>/<sweep>/launcher.json``).
 """
 
 from __future__ import annotations
@@ -298,8 +300,11 @@ def launch(cells: list[Cell], args: argparse.Namespace) -> list[dict[str, Any]]:
     ray = import_ray()
     from ray import tune
 
+    from jobs.launchers.cancel import record_launcher
+
     for c in cells:
         c.save()
+    record_launcher(cells, "ray")  # deqbench cancel sends this driver SIGINT: Tune stops every trial
     started = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
