@@ -231,3 +231,11 @@ def test_ui_lands_on_the_training_runs_with_metric_columns(server: Server, ui_st
     for run in by_psnr:  # each run's PSNR and gain as the table shows them (rounded)
         for metric in ("psnr", "crr/gain_db"):
             assert any(abs(x - run["metrics"][metric]) < 1e-3 * max(1.0, abs(x)) for x in shown), (metric, table)
+
+
+def test_ui_names_an_unknown_experiment_in_one_line(ui_store: UiStore, capsys: pytest.CaptureFixture) -> None:
+    from jobs.cli import main
+
+    assert main(["ui", "--tracking-uri", ui_store.uri, "--experiment", "no-such-sweep"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'no-such-sweep'" in err and EXPERIMENT in err, err
