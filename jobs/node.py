@@ -44,7 +44,7 @@ from typing import Any, Callable
 import yaml
 
 from jobs.cells import Cell
-from suite.training.checkpoint import Checkpointer
+from suite.training.checkpoint import Checkpointer, cannot_write
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
@@ -124,13 +124,24 @@ class NodeCheckpointer(Checkpointer):
 
 
 def write_status(workdir: str | Path, **fields: Any) -> None:
-    """Merges ``fields`` into ``status.json`` atomically."""
+    """Merges ``fields`` into ``status.json`` atomically.
+
+    Raises:
+        OSError: ``cannot write PATH: No space left on device`` (or read-only, ...), one line.
+    """
     path = Path(workdir) / "status.json"
     current = read_status(workdir)
     current.update(fields, updated=time.time())
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current, indent=2, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(current, indent=2, default=str))
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            tmp.unlink(missing_ok=True)  # a partial file would hold the little space that is left
+        except OSError:
+            pass
+        raise OSError(cannot_write(path, err)) from None
 
 
 def read_status(workdir: str | Path) -> dict[str, Any]:
@@ -260,7 +271,7 @@ def run_cell(cell: Cell, wrap_tracker: Callable[[Any], Any] | None = None) -> di
                          ended=time.time())
         out.update(state="FAILED", error=reason)
     except Exception as err:  # noqa: BLE001 - a cell's failure is data, not a crash
-        reason = f"{type(err).__name__}: {err}"
+        reason = f"{type(err).__name__}: {err}" + _disk_problem(err, workdir)
         if ctx.is_main:
             _record_failure(workdir, tracker, "FAILED", reason, traceback.format_exc())
         else:
@@ -297,10 +308,27 @@ def _reason_code(state: str, error: str) -> str:
     return signal.Signals(_STOP["signum"]).name if _STOP["signum"] else "interrupted"
 
 
+def _disk_problem(err: BaseException, workdir: Path) -> str:
+    """For an OSError that names no path: `` (WORKDIR: no space left, N KiB free)`` or read-only, when so."""
+    if not isinstance(err, OSError) or err.filename or str(workdir) in str(err):
+        return ""
+    try:
+        fs = os.statvfs(workdir)
+    except OSError:
+        return ""
+    if fs.f_flag & os.ST_RDONLY:
+        return f" ({workdir}: read-only file system)"
+    free = fs.f_bavail * fs.f_frsize
+    return f" ({workdir}: no space left, {free // 1024} KiB free)" if free < 1 << 20 else ""
+
+
 def _record_failure(workdir: Path, tracker: Any, state: str, reason: str, tb: str = "",
                     status_state: str | None = None) -> None:
     code = _reason_code(state, reason)
-    write_status(workdir, state=status_state or state, error=reason, reason=code, traceback=tb, ended=time.time())
+    try:
+        write_status(workdir, state=status_state or state, error=reason, reason=code, traceback=tb, ended=time.time())
+    except OSError as err:  # disk full or read-only: MLflow (elsewhere) still gets the reason
+        _say(f"deqbench: {err}; cell {state}: {reason}")
     if tracker is not None:
         try:
             # KILLED resumes from its checkpoint and replays the buffered epochs;
@@ -309,7 +337,15 @@ def _record_failure(workdir: Path, tracker: Any, state: str, reason: str, tb: st
             tracker.set_tags({"failure_reason": reason[:5000], REASON_TAG: code})
             tracker.terminate(state)
         except Exception as err:  # noqa: BLE001 - the store itself may be the failure
-            print(f"deqbench: could not record {state} in MLflow: {err}", file=sys.stderr)
+            _say(f"deqbench: could not record {state} in MLflow: {err}")
+
+
+def _say(line: str) -> None:
+    """One line on stderr, which may be a log file on a full disk: then it is lost, not raised."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def record_end(cell: Cell, state: str, reason: str, error: str | None = None) -> None:
@@ -325,16 +361,30 @@ def record_end(cell: Cell, state: str, reason: str, error: str | None = None) ->
         state: ``KILLED`` (resumable) or ``FAILED``.
         reason: a word: ``CANCELLED``, ``TIMEOUT``, ``OUT_OF_MEMORY``, ``exit code 3``, ...
         error: the sentence for ``status.json``'s ``error`` and the run's ``failure_reason``.
-    """
-    from jobs import tracking
 
+    Raises:
+        OSError: ``status.json`` cannot be written (disk full, read-only), after MLflow was told.
+    """
     fields: dict[str, Any] = {"state": state, "reason": reason, "ended": time.time()}
     if error:
         fields["error"] = error
-    write_status(cell.workdir, **fields)
+    unwritable = None
+    try:
+        write_status(cell.workdir, **fields)
+    except OSError as err:
+        unwritable = err
+        error = f"{error or reason}; {err}"
     run_id = read_status(cell.workdir).get("run_id")
-    if not run_id:
-        return
+    if run_id:
+        _record_end_in_mlflow(cell, run_id, state, reason, error)
+    if unwritable is not None:
+        raise unwritable
+
+
+def _record_end_in_mlflow(cell: Cell, run_id: str, state: str, reason: str, error: str | None) -> None:
+    """:func:`record_end`'s MLflow part: the reason tag, and the end state of a run still RUNNING."""
+    from jobs import tracking
+
     try:
         tracker = tracking.MlflowTracker(cell.tracking_uri or tracking.resolve_tracking_uri(), run_id)
         tracker.set_tags({REASON_TAG: reason})

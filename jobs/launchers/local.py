@@ -36,6 +36,7 @@ from jobs.cells import Cell
 from jobs.launchers.gpus import DevicePool, discover_devices, wants_gpus
 from jobs.launchers.cancel import record_launcher
 from jobs.node import read_status, record_end, write_status
+from suite.training.checkpoint import cannot_write
 
 Command = Callable[[Cell, Path], list[str]]
 
@@ -60,6 +61,11 @@ def _fail(cell: Cell, reason: str) -> dict[str, Any]:
         log.write(f"deqbench: {reason}\n")
     write_status(cell.workdir, state="FAILED", error=reason, reason="not enough GPUs")
     return _outcome(cell, read_status(cell.workdir))
+
+
+def _unwritable(cell: Cell, error: str) -> dict[str, Any]:
+    """A cell whose directory cannot be written (disk full, read-only): FAILED, reported from memory."""
+    return {**_outcome(cell, read_status(cell.workdir)), "state": "FAILED", "error": error, "reason": "OSError"}
 
 
 class Stopper:
@@ -145,7 +151,11 @@ def _run_one(cell: Cell, threads: int, pool: DevicePool | None = None, hide_gpus
         stopper: the sweep's stop switch (a stopped sweep starts no more cells; they end KILLED).
     """
     stopper = stopper or Stopper()
-    path = cell.save()
+    try:
+        path = cell.save()
+        open(Path(cell.workdir) / "log.txt", "ab").close()
+    except OSError as err:  # disk full, read-only runs directory: this cell fails, the sweep goes on
+        return _unwritable(cell, cannot_write(Path(cell.workdir) / "cell.json", err))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "DEQBENCH_TORCH_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     devices: list[str] = []
@@ -165,14 +175,17 @@ def _run_one(cell: Cell, threads: int, pool: DevicePool | None = None, hide_gpus
             pool.release(devices)
     status = read_status(cell.workdir)
     ended = status.get("state") in ("FINISHED", "FAILED")
-    if code is None or (stopper.stopping and not ended and (code != 0 or status.get("state") == "KILLED")):
-        # Stopped by the user (Ctrl-C, deqbench cancel): resumable, whether it had begun or not.
-        record_end(cell, "KILLED", "CANCELLED", status.get("error") if status.get("state") == "KILLED" else
-                   "the sweep was stopped (Ctrl-C or deqbench cancel); running it again resumes this cell")
-    elif code != 0 and status.get("state") not in ("FAILED", "KILLED"):
-        # The process died without reporting (killed, segfault, out of memory): record it here.
-        record_end(cell, "FAILED", _exit_reason(code),
-                   f"node process ended with {_exit_reason(code)}; see {cell.workdir}/log.txt")
+    try:
+        if code is None or (stopper.stopping and not ended and (code != 0 or status.get("state") == "KILLED")):
+            # Stopped by the user (Ctrl-C, deqbench cancel): resumable, whether it had begun or not.
+            record_end(cell, "KILLED", "CANCELLED", status.get("error") if status.get("state") == "KILLED" else
+                       "the sweep was stopped (Ctrl-C or deqbench cancel); running it again resumes this cell")
+        elif code != 0 and status.get("state") not in ("FAILED", "KILLED"):
+            # The process died without reporting (killed, segfault, out of memory, a full disk): record it here.
+            record_end(cell, "FAILED", _exit_reason(code),
+                       f"node process ended with {_exit_reason(code)}; see {cell.workdir}/log.txt")
+    except OSError as err:  # its status.json cannot be written: say why here
+        return _unwritable(cell, f"node process ended with {_exit_reason(code or 0)}; {err}")
     return _outcome(cell, read_status(cell.workdir))
 
 

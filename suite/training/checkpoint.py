@@ -126,13 +126,13 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as err:
         _unlink_quietly(tmp)
-        raise CheckpointWriteError(f"cannot write checkpoint {path}: {_why(err)}") from None
+        raise CheckpointWriteError(cannot_write(path, err)) from None
     _fsync_dir(path.parent)
 
 
-def _why(err: OSError) -> str:
-    """``No space left on device``: the reason without the path (our message names it)."""
-    return os.strerror(err.errno) if err.errno else str(err)
+def cannot_write(path: str | Path, err: OSError) -> str:
+    """``cannot write PATH: No space left on device``: one line naming the path and the reason."""
+    return f"cannot write {path}: {os.strerror(err.errno) if err.errno else err}"
 
 
 def _unlink_quietly(path: Path) -> None:
@@ -192,7 +192,7 @@ class Checkpointer:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise CheckpointWriteError(f"cannot create checkpoint directory {self.directory}: {_why(err)}") from None
+            raise CheckpointWriteError(cannot_write(self.directory, err)) from None
         for stale in self._leftovers():  # a killed save's partial file: the one writer of this directory is us
             _unlink_quietly(stale)
         path = self.directory / f"ckpt_{step:08d}.pt"
