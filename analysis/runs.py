@@ -30,69 +30,24 @@ are imported inside the functions so that the CLI starts fast.
 from __future__ import annotations
 
 import math
-import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from analysis.records import EXPORT_SUFFIXES, RunRecord, read_export, sort_records  # noqa: F401  (re-exported)
+from jobs.tracking import resolve_tracking_uri  # the one resolver of the tracking store, for every command
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-"""MLflow's own default store, relative to the working directory."""
 
 BASE_COLUMNS = ("run_id", "experiment", "run_name", "status", "start_time")
 """Identity columns that come first in the wide table."""
 
 FINISHED = "FINISHED"
-EXPORT_SUFFIXES = (".parquet", ".csv")
 
 _INT_RE = re.compile(r"[+-]?\d+")
 _BOOL_STRINGS = {"true": True, "false": False}
 _NONE_STRINGS = {"None", "null", "~"}
-
-
-@dataclass
-class RunRecord:
-    """One run as read from a store, before typing.
-
-    Attributes:
-        run_id: MLflow run id.
-        experiment: experiment (sweep) name.
-        run_name: MLflow run name, or None.
-        status: MLflow status (``FINISHED``, ``FAILED``, ``RUNNING``, ``KILLED``, ...).
-        start_time: start time in milliseconds since the Unix epoch, or None.
-        params: param key -> value as MLflow stores it (a string).
-        metrics: metric key -> (final value, step of that value).
-        tags: tag key -> value (without MLflow's ``mlflow.*`` tags).
-    """
-
-    run_id: str
-    experiment: str
-    run_name: str | None
-    status: str
-    start_time: int | None
-    params: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, tuple[float, int]] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
-    """The tracking URI to read.
-
-    The argument when given, else ``MLFLOW_TRACKING_URI``, else
-    ``sqlite:///mlflow.db`` (in the working directory).
-
-    Args:
-        tracking_uri: explicit URI, or None.
-
-    Returns:
-        The URI.
-    """
-    if tracking_uri:
-        return tracking_uri
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def _check_sqlite_store(uri: str) -> None:
@@ -241,14 +196,6 @@ def _export_histories(
     }
 
 
-def sort_records(records: Iterable[RunRecord]) -> list[RunRecord]:
-    """Runs in a stable order: start time (missing last), then run id."""
-    return sorted(
-        records,
-        key=lambda r: (r.start_time is None, r.start_time or 0, r.run_id),
-    )
-
-
 def _parse_scalar(text: str) -> Any:
     """Parse one param string: bool, int, float, or the string itself (None if it spells null)."""
     if text in _NONE_STRINGS:
@@ -376,8 +323,6 @@ def load_runs(
             or file, or a source that is not ``.parquet``/``.csv``.
     """
     if source is not None:
-        from analysis.export import read_export
-
         records, param_keys, metric_keys = read_export(source, experiment)
     else:
         records = fetch_records(experiment, tracking_uri)
