@@ -3,12 +3,12 @@
 A wrong name raises a ``ValueError`` that lists the valid names, unlike a bare
 ``KeyError``::
 
-    MODELS = Registry("model")
+    LOSSES = Registry("loss")
 
-    @MODELS.register("deq_inr")
-    def build_deq_inr(cfg): ...
+    @LOSSES.register("mse")
+    def mse(pred, target): ...
 
-    MODELS.get("deq_inr")(cfg)
+    LOSSES.get("mse")(pred, target)
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ FAMILY = Family(
     evaluate=evaluate,
     sections={"deprox": DEProxConfig, "mri": MRIConfig},
     final_metrics=("psnr", "ssim", "nmse", "vif", "hfe", "sr", "zf/psnr", "zf/ssim", "solver/eval_nstep",
-                   "mem/infer_peak_mb", "mem/peak_mb", "time/total_s"),
+                   "mem/infer_peak_mb", "mem/train_peak_mb", "mem/peak_mb", "time/total_s"),
     group_keys=GROUP_KEYS,
     data_range=volume_range,
 )

@@ -11,10 +11,8 @@ from typing import Any
 
 from suite.families import Family
 
-IMAGE_METRICS = ("psnr", "ssim", "nmse", "vif", "hfe", "sr")
-"""Registered metrics (:mod:`suite.metrics.registry`) of a final image."""
-FINAL_METRICS = (*IMAGE_METRICS, "mem/peak_mb", "time/total_s", "solver/eval_nstep", "solver/eval_abs_lowest",
-                 "solver/eval_rel_lowest")
+FINAL_METRICS = ("psnr", "ssim", "nmse", "vif", "hfe", "sr", "mem/peak_mb", "mem/train_peak_mb", "mem/infer_peak_mb",
+                 "time/total_s", "solver/eval_nstep", "solver/eval_abs_lowest", "solver/eval_rel_lowest")
 
 
 def build_model(cfg: Any) -> Any:
@@ -32,10 +30,11 @@ def load_image(cfg: Any) -> Any:
 
 
 def evaluate_image(pred: Any, target: Any, cfg: Any) -> dict[str, float]:
-    """:data:`IMAGE_METRICS` of a ``(1, 1, H, W)`` output, data range = the ground truth's."""
-    from suite.metrics.registry import score
+    """Every registered image metric of a ``(1, 1, H, W)`` output, data range = the ground truth's
+    (:func:`suite.training.inr.final_metrics`)."""
+    from suite.training.inr import final_metrics
 
-    return score(IMAGE_METRICS, pred, target, cfg.eval)
+    return final_metrics(pred, target, cfg.eval)
 
 
 def fit(cfg: Any, model: Any, data: Any, tracker: Any, ckpt: Any = None, outdir: Any = None) -> dict[str, float]:

@@ -140,3 +140,42 @@ def test_entry_point_family(tmp_path, monkeypatch):
     assert cfg.family == "my_siren" and cfg.siren.omega_0 == 3.0
     assert "my_siren" in family_names()
     FAMILIES.pop("my_siren", None)
+
+
+def test_reports_label_and_group_a_user_family():
+    from analysis.report import group_keys, output_columns
+
+    ref = f"{FAMILY_FILE}:SIREN"
+    assert [label for _, label, _ in output_columns(None, ref, "model")] == ["DEQ (SIREN filters)"]
+    assert [label for _, label, _ in output_columns(None, "crr", "model")] == ["DEQ (stage 1)", "DEQ+CRR"]
+    assert group_keys(ref, ["data.image", "deq.solver"]) == ("data.image", "deq.solver")  # as DEQ-INR: by image
+    assert group_keys("deprox", ["deprox.kind", "mri.acceleration"]) == ("deprox.kind", "mri.acceleration")
+
+
+@pytest.mark.slow
+def test_spectral_report_covers_both_families(sweep):
+    tmp, uri, _ = sweep
+    out = deqbench("report", "spectral", "--experiment", "byo", "--out", tmp / "report", "--tracking-uri", uri,
+                   cwd=tmp)
+    assert out.returncode == 0, out.stderr
+    rows = (tmp / "report" / "signal_characteristics.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2  # one image per family
+    assert sum(f"{FAMILY_FILE}:SIREN" in r for r in rows) == 1 and sum(",deq_inr," in r for r in rows) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_user_family_on_the_local_slurm(slurm_cluster, tmp_path):
+    """The same node job under submitit on the real local Slurm: the reference reaches the array task."""
+    spec = {"name": "byo_slurm", "seeds": [0],
+            "groups": [{"base": str(EXAMPLE), "set": {"train.epochs": 2, "data.size": 41}}]}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = deqbench("sweep", tmp_path / "sweep.yaml", "--launcher", "submitit", "--launcher-config",
+                   REPO / "configs/launchers/local_slurm.yaml", "--runs-dir", tmp_path / "runs", "--tracking-uri", uri,
+                   cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("byo_slurm").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["family"] == f"{FAMILY_FILE}:SIREN"
+    assert run.data.params["siren.omega_0"] == "30.0" and run.data.tags.get("slurm_job_id")
