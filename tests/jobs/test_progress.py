@@ -89,6 +89,18 @@ def test_no_step_reaches_the_store_twice(tmp_path, monkeypatch):
     assert [m.step for m in sorted(client.get_metric_history(first.run_id, "psnr"), key=lambda m: m.step)] == list(range(10))
 
 
+def test_metrics_reach_the_store_every_flush_period(tmp_path, monkeypatch):
+    monkeypatch.setenv(tracking.FLUSH_EVERY_ENV, "2")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = tracking.start_run(uri, "t_period", "r", {}, {})
+    client = MlflowClient(uri)
+    tracker.log_metrics({"loss": 1.0}, step=0)
+    assert client.get_metric_history(tracker.run_id, "loss") == []  # buffered: the period has not passed
+    time.sleep(2.1)
+    tracker.log_metrics({"loss": 0.5}, step=1)  # the period has passed: this epoch's log writes both
+    assert [m.step for m in client.get_metric_history(tracker.run_id, "loss")] == [0, 1]
+
+
 def _poll(cond, what: str, timeout: float = 300):
     deadline = time.monotonic() + timeout
     while not (value := cond()):
