@@ -23,6 +23,7 @@ import os
 import resource
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -54,6 +55,47 @@ class Progress:
     best: dict[str, Any] = field(default_factory=dict)
     train_mem: float = 0.0
     stage1_psnr: Optional[float] = None
+
+
+def resume(ckpt: Any, model: torch.nn.Module, gen: torch.Generator) -> tuple[Progress, Optional[dict[str, Any]]]:
+    """The resume preamble of every loop: restores progress, weights and RNGs from the newest checkpoint.
+
+    Then every rank starts from rank 0's weights (data parallel). The caller
+    restores what is its own (optimiser of the current stage, caches) from the
+    returned state.
+
+    Args:
+        ckpt: a :class:`~suite.training.checkpoint.Checkpointer` or None (no resume).
+        model: loads the checkpoint's ``model`` state.
+        gen: the loop's batch generator; loads ``gen``.
+
+    Returns:
+        ``(progress, state)``; a fresh :class:`Progress` and None without a checkpoint.
+    """
+    from suite.training import distributed as D
+
+    prog, state = Progress(), (ckpt.latest() if ckpt else None)
+    if state is not None:
+        prog = Progress(**state["progress"])
+        model.load_state_dict(state["model"])
+        gen.set_state(state["gen"])
+        set_rng_state(state["rng"])
+    D.broadcast_module(model)
+    return prog, state
+
+
+def save(ckpt: Any, prog: Progress, t_start: float, model: torch.nn.Module, opt: torch.optim.Optimizer,
+         gen: torch.Generator, step: int, **extra: Any) -> None:
+    """Writes a checkpoint of a loop (rank 0 writes; see :func:`suite.training.distributed.save_checkpoint`).
+
+    It holds ``progress`` (wall time updated from ``t_start``), ``model``,
+    ``opt``, ``gen``, ``rng`` and the loop's own ``extra`` entries.
+    """
+    from suite.training import distributed as D
+
+    prog.elapsed = time.perf_counter() - t_start
+    D.save_checkpoint(ckpt, {"progress": vars(prog).copy(), "model": model.state_dict(), "opt": opt.state_dict(),
+                             "gen": gen.get_state(), "rng": rng_state(), **extra}, step)
 
 
 def check_finite(loss: Any, stage: int, epoch: int, hint: str) -> None:

@@ -72,8 +72,7 @@ from suite.physics.mri import add_kspace_noise, make_mri_physics
 from suite.training import distributed as D
 from suite.training.checkpoint import Checkpointer
 from suite.training.common import (  # noqa: F401  (DivergedError, PhasePeak: re-exported)
-    DivergedError, PhasePeak, Progress, check_finite, index_batches, log_run_files, pick_device, rng_state, save_png,
-    set_rng_state,
+    DivergedError, PhasePeak, check_finite, index_batches, log_run_files, pick_device, resume, save, save_png,
 )
 from suite.training.losses import get_loss
 from suite.training.tracker import Tracker
@@ -385,20 +384,11 @@ def fit_deprox(
     e1 = cfg.deprox.pretrain_epochs if trains else 0
     e2 = cfg.train.epochs if trains else 0
     gen = torch.Generator().manual_seed(cfg.seed)
-    prog = Progress()
-    state = ckpt.latest() if ckpt else None
-    if state is not None:
-        prog = Progress(**state["progress"])
-        model.load_state_dict(state["model"])
-        gen.set_state(state["gen"])
-        set_rng_state(state["rng"])
-    D.broadcast_module(model)
+    prog, state = resume(ckpt, model, gen)
     t_start = time.perf_counter() - prog.elapsed
 
     def checkpoint(opt: torch.optim.Optimizer, step: int) -> None:
-        prog.elapsed = time.perf_counter() - t_start
-        D.save_checkpoint(ckpt, {"progress": vars(prog).copy(), "model": model.state_dict(), "opt": opt.state_dict(),
-                                 "gen": gen.get_state(), "rng": rng_state()}, step)
+        save(ckpt, prog, t_start, model, opt, gen, step)
 
     def val_psnr() -> float:
         return _mean(evaluate(model, data.val, cfg, device, full=False)[0], "psnr")

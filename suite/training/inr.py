@@ -42,8 +42,7 @@ from suite.metrics.registry import computed_metrics, score
 from suite.training.checkpoint import Checkpointer
 from suite.training import distributed as D
 from suite.training.common import (  # noqa: F401  (DivergedError: re-exported)
-    DivergedError, PhasePeak, Progress, check_finite, index_batches, log_run_files, pick_device, rng_state, save_png,
-    set_rng_state,
+    DivergedError, PhasePeak, check_finite, index_batches, log_run_files, pick_device, resume, save, save_png,
 )
 from suite.training.tracker import Tracker
 from suite.training.warm_start import Recipe, evaluate_grid, recipe_step
@@ -202,29 +201,17 @@ def fit_inr(
     data = data.to(device)
     deq = model.deq if is_crr else model
     gen = torch.Generator().manual_seed(cfg.seed)
-    prog = Progress()
     opt = torch.optim.Adam(deq.parameters(), lr=cfg.train.lr)
     recipe = Recipe(cfg.deq, data.coords.shape[0], deq.hidden, device)
-    state = ckpt.latest() if ckpt else None
+    prog, state = resume(ckpt, model, gen)
     if state is not None:
-        prog = Progress(**state["progress"])
-        model.load_state_dict(state["model"])
-        gen.set_state(state["gen"])
-        set_rng_state(state["rng"])
         recipe.load_state_dict(state.get("recipe"))
         if prog.stage == 1:
             opt.load_state_dict(state["opt"])
-    D.broadcast_module(model)  # data parallel: every rank starts from rank 0's weights
     t_start = time.perf_counter() - prog.elapsed
 
     def checkpoint(opt_: torch.optim.Optimizer, step: int) -> None:
-        prog.elapsed = time.perf_counter() - t_start
-        D.save_checkpoint(  # rank 0 writes
-            ckpt,
-            {"progress": vars(prog).copy(), "model": model.state_dict(), "opt": opt_.state_dict(),
-             "gen": gen.get_state(), "rng": rng_state(), "recipe": recipe.state_dict()},
-            step,
-        )
+        save(ckpt, prog, t_start, model, opt_, gen, step, recipe=recipe.state_dict())
 
     e1 = cfg.train.epochs
     if prog.stage == 1:
