@@ -6,12 +6,13 @@ restarted on the same port and backend after a while. The cells keep training,
 buffer their metrics, retry with back-off and end FINISHED; every expected
 value of every per-epoch series arrives exactly once and the final metrics equal
 what each node job reported in its ``status.json``. The ≥ 20 s outage is slow;
-a 2 s one runs by default.
+a 2 s one runs by default (two server start-ups: ~40 s idle, minutes under load).
 
 When the server stays down past ``$DEQBENCH_TRACKING_MAX_OUTAGE_S``, the cell
 fails with reason TRACKING_UNAVAILABLE, and its checkpoint still holds what is
 needed: once the server is back, running the sweep again resumes the same run
-and every epoch's metrics arrive exactly once.
+and every epoch's metrics arrive exactly once (slow; its tracker-level core,
+buffering then failing past the limit, is tested fast on a refused connection).
 
 Each test prints a summary line (cells, epochs, values checked, lost, duplicated).
 """
@@ -158,6 +159,28 @@ def test_twenty_second_outage_mid_sweep_loses_and_duplicates_nothing(tmp_path, s
     _outage(tmp_path, server, down_s=20, seeds=4, e1=120, e2=10)
 
 
+def test_unreachable_store_buffers_then_fails_past_the_limit():
+    """In process, fast: a real refused connection (nothing listens on the port)."""
+    from jobs import tracking
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: connections are refused
+    tracker = tracking.MlflowTracker(f"http://127.0.0.1:{port}", "0" * 32, flush_every_s=0, max_outage_s=1.0)
+    t0 = time.monotonic()
+    tracker.log_metrics({"loss": 1.0, "psnr": 20.0}, step=0)  # training goes on: the values stay buffered
+    tracker.log_metrics({"loss": 0.5}, step=1)
+    assert time.monotonic() - t0 < 5  # one quick attempt, no blocking retries
+    assert [(k, v, s) for k, v, _, s in tracker.pending()] == [("loss", 1.0, 0), ("psnr", 20.0, 0), ("loss", 0.5, 1)]
+    time.sleep(1.1)
+    with pytest.raises(tracking.TrackingUnavailable) as err:
+        tracker.log_metrics({"loss": 0.25}, step=2)
+    msg = str(err.value)
+    assert f"127.0.0.1:{port} unreachable for 1 s, over the limit of 1 s ($DEQBENCH_TRACKING_MAX_OUTAGE_S)" in msg
+    assert "4 metric values not yet logged" in msg and len(tracker.pending()) == 4
+
+
+@pytest.mark.slow
 def test_outage_past_the_limit_fails_the_cell_and_its_checkpoint_logs_later(tmp_path, server):
     e1, e2 = 24, 4
     proc, name = _sweep(tmp_path, server, 1, e1, e2, every=2, env={"DEQBENCH_TRACKING_MAX_OUTAGE_S": "2"})
