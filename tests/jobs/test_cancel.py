@@ -136,3 +136,21 @@ def test_cancel_of_a_sweep_that_never_ran(tmp_path):
     assert out.returncode == 0 and "nothing to cancel: no cell of sweep 't_idle' is running or queued" in out.stdout
     bad = deqbench("cancel", "missing.yaml", cwd=tmp_path)
     assert bad.returncode == 2 and "missing.yaml" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow  # a local Ray starts, two trials one at a time: ~2 min
+def test_cancel_stops_a_ray_sweep(tmp_path):
+    pytest.importorskip("ray")
+    cfg = {**yaml.safe_load((REPO / "configs/launchers/ray_local.yaml").read_text()), "max_concurrent_trials": 1}
+    (tmp_path / "l.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [*_sweep(tmp_path, "t_cancel_ray")[:-2], "--launcher", "ray", "--launcher-config", "l.yaml"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 400
+    while not list(tmp_path.glob("runs/t_cancel_ray/*/ckpt/ckpt_*.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.3)
+    out = deqbench("cancel", "s.yaml", "--wait-s", "120", cwd=tmp_path, timeout=300)
+    log, _ = proc.communicate(timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SIGINT to the ray launcher" in out.stdout and "2 cell(s) KILLED" in out.stdout, out.stdout + log[-3000:]
+    _assert_killed_and_resumable(tmp_path, "t_cancel_ray")
