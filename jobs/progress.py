@@ -15,17 +15,20 @@ from suite.config import flatten
 
 
 def total_epochs(config: Mapping[str, Any]) -> int:
-    """Epochs of all stages of a cell: ``train.epochs`` plus its family section's ``*epochs`` keys.
+    """Epochs of all stages of a cell: ``train.epochs`` plus the ``*epochs`` keys of its family's own sections.
 
     For example ``crr.epochs`` (CRR's refiner stage) or ``deprox.pretrain_epochs``.
 
     Args:
         config: the nested resolved config (``cell.config``).
     """
+    from suite.families import find_family
+
+    family = find_family(config.get("family"))
+    sections = tuple(f"{name}." for name in (family.sections if family else ()))
     flat = flatten(config)
-    family = f"{config.get('family')}."
     return int(flat.get("train.epochs", 0)) + sum(
-        int(v) for k, v in flat.items() if k.startswith(family) and k.endswith("epochs"))
+        int(v) for k, v in flat.items() if k.startswith(sections) and k.endswith("epochs"))
 
 
 class ProgressTracker:
