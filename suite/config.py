@@ -461,6 +461,8 @@ def _coerce(key: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r} ({type(value).__name__})")
         value = float(value)
+        if value != value:  # NaN passes every range check
+            raise ConfigError(f"{key}: expected a number, got NaN")
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r} ({type(value).__name__})")
