@@ -236,6 +236,18 @@ def _header_recon_size(hf: h5py.File) -> Optional[tuple[int, int]]:
         return None
 
 
+def _check_finite(path: Path, slice_num: int, kspace: np.ndarray, target: Optional[np.ndarray],
+                  max_value: Optional[float], target_key: str) -> None:
+    """Refuses a slice whose k-space or target is not finite (NaN/inf would train on garbage), or a bad ``max``."""
+    if not np.isfinite(kspace).all():
+        raise ValueError(f"{path}: slice {slice_num}: 'kspace' holds non-finite values (NaN or inf)")
+    if target is not None and (target.dtype.kind not in "fiu" or not np.isfinite(target).all()):
+        raise ValueError(f"{path}: slice {slice_num}: '{target_key}' must hold finite real numbers "
+                         f"(dtype {target.dtype})")
+    if max_value is not None and not (np.isfinite(max_value) and max_value > 0):
+        raise ValueError(f"{path}: attribute 'max' must be a finite number > 0, got {max_value!r}")
+
+
 class FastMRISliceDataset(Dataset):
     """Multi-slice fastMRI dataset serving undersampled k-space, mask and targets.
 
@@ -378,10 +390,15 @@ class FastMRISliceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path, slice_num = self.examples[index]
-        with h5py.File(path, "r") as hf:
-            kspace_np = hf["kspace"][slice_num]
-            target_np = hf[self.target_key][slice_num] if self.crop_mode == "image" else None
-            max_value = float(hf.attrs["max"]) if "max" in hf.attrs and self.crop_mode == "image" else None
+        try:
+            with h5py.File(path, "r") as hf:
+                kspace_np = hf["kspace"][slice_num]
+                target_np = hf[self.target_key][slice_num] if self.crop_mode == "image" else None
+                max_value = float(hf.attrs["max"]) if "max" in hf.attrs and self.crop_mode == "image" else None
+        except (OSError, TypeError, ValueError) as err:  # truncated data, an attribute that is not a number
+            raise ValueError(f"{path}: slice {slice_num} cannot be read ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        _check_finite(path, slice_num, kspace_np, target_np, max_value, self.target_key)
         kspace = T.to_tensor(kspace_np.astype(np.complex64))  # (H, W, 2) or (C, H, W, 2)
         if kspace.ndim == 3:
             kspace = kspace.unsqueeze(0)
