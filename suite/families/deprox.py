@@ -46,8 +46,8 @@ def load_data(cfg: Any) -> Any:
 
 
 def evaluate(pred: Any, target: Any, cfg: Any) -> dict[str, float]:
-    """fastMRI-style metrics of one volume ``(1, S, H, W)`` (:func:`suite.training.deprox.volume_metrics`)."""
-    from suite.training.deprox import volume_metrics
+    """fastMRI-style metrics of one volume ``(1, S, H, W)`` (:func:`suite.training.deprox_eval.volume_metrics`)."""
+    from suite.training.deprox_eval import volume_metrics
 
     return volume_metrics(pred[0], target[0], cfg)
 

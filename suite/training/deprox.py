@@ -25,7 +25,7 @@ K), ``solver/abs_lowest``, ``solver/rel_lowest`` (batch means) and, every
 ``stage1/psnr`` (the network with the pre-trained denoiser, before
 fine-tuning). At step ``P+E`` the final metrics (see :func:`fit_deprox`).
 
-Evaluation follows fastMRI's ``evaluate.py`` per validation volume: magnitudes
+Evaluation (:mod:`suite.training.deprox_eval`) follows fastMRI's ``evaluate.py`` per validation volume: magnitudes
 in raw units (``|x| * std`` of each slice; ground truth ``|target_complex| *
 std``, for single-coil data the stored ESC target, for multi-coil data the
 SENSE-combined image), the volume ``(1, S, H, W)`` with data range = its ground
@@ -51,28 +51,27 @@ and gathers their metrics; rank 0 checkpoints and writes artifacts.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
-from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fastmri
 from suite.config import ExperimentConfig
 from suite.data.mri import (  # noqa: F401  (re-exported: the data of this family)
     DEProxData, SliceStore, ensure_synthetic, load_deprox_data, split_files, synthetic_dir,
 )
-from suite.metrics.registry import computed_metrics, score
-from suite.models.deprox import DEProx, Unrolled, ZeroFilled, complex_magnitude, last_to_chan
-from suite.physics.mri import add_kspace_noise, make_mri_physics
+from suite.models.deprox import DEProx, Unrolled, ZeroFilled, last_to_chan
+from suite.physics.mri import add_kspace_noise, make_mri_physics  # noqa: F401  (add_kspace_noise: re-exported)
 from suite.training import distributed as D
 from suite.training.checkpoint import Checkpointer
+from suite.training.deprox_eval import (  # noqa: F401  (reconstruct_volume, volume_metrics: re-exported)
+    evaluate, full_keys, mean_over_volumes, noise_key, reconstruct_volume, solver_trace, volume_metrics,
+    write_artifacts,
+)
 from suite.training.common import (  # noqa: F401  (DivergedError, PhasePeak: re-exported)
-    DivergedError, PhasePeak, check_finite, index_batches, log_run_files, pick_device, resume, save, save_png,
+    DivergedError, PhasePeak, check_finite, index_batches, pick_device, resume, save,
 )
 from suite.training.losses import get_loss
 from suite.training.tracker import Tracker
@@ -194,152 +193,6 @@ def _finetune_epoch(model: nn.Module, opt: torch.optim.Optimizer, store: SliceSt
     return {k: v / len(batches) for k, v in sums.items()}
 
 
-# --------------------------------------------------------------------- evaluation
-
-
-def noise_key(sigma: float, metric: str) -> str:
-    """``noise/<sigma>/<metric>`` with sigma written plainly: ``noise/0.01/psnr``, ``noise/0/ssim``."""
-    return f"noise/{np.format_float_positional(float(sigma), trim='-')}/{metric}"
-
-
-@torch.no_grad()
-def reconstruct_volume(model: nn.Module, store: SliceStore, indices: Sequence[int], device: torch.device,
-                       batch_size: int = -1, sigma: float = 0.0, gen: Optional[torch.Generator] = None
-                       ) -> dict[str, torch.Tensor]:
-    """Reconstructs the slices of one volume (``model`` in eval mode).
-
-    Args:
-        model: a DE-Prox model, ``x_hat, info = model(y, physics)``.
-        store: the slices.
-        indices: the volume's ``S`` slice indices.
-        device: where to compute.
-        batch_size: slices per forward pass (-1: all at once).
-        sigma: extra k-space noise (:func:`add_kspace_noise`).
-        gen: generator of that noise.
-
-    Returns:
-        Raw-unit magnitudes ``pred``, ``target``, ``zero_filled`` (each ``(S, H, W)``,
-        CPU) and solver statistics ``nstep``, ``abs_lowest``, ``rel_lowest`` (each ``(S,)``).
-    """
-    step = len(indices) if batch_size < 1 else batch_size
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("pred", "target", "zero_filled", "nstep", "abs_lowest",
-                                                          "rel_lowest")}
-    for i in range(0, len(indices), step):
-        b = store.batch(indices[i : i + step], device)
-        y = add_kspace_noise(b["kspace"], b["mask"], sigma, gen) if sigma else b["kspace"]
-        physics = make_mri_physics(b["mask"], b.get("sens_maps"))
-        x_hat, info = model(y, physics)
-        scale = b["std"].view(-1, 1, 1)
-        out["pred"].append((complex_magnitude(x_hat) * scale).cpu())
-        out["target"].append((fastmri.complex_abs(b["target_complex"]) * scale).cpu())
-        out["zero_filled"].append((fastmri.complex_abs(physics.A_adjoint(y)) * scale).cpu())
-        for k in ("nstep", "abs_lowest", "rel_lowest"):
-            out[k].append(info[k].float().cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def volume_metrics(pred: torch.Tensor, target: torch.Tensor, cfg: ExperimentConfig, full: bool = True
-                   ) -> dict[str, float]:
-    """fastMRI-style metrics of one volume.
-
-    Args:
-        pred: ``(S, H, W)`` raw-unit magnitudes.
-        target: ``(S, H, W)`` ground truth.
-        cfg: supplies the HFE/SR definitions (``eval``).
-        full: also VIF, NMSE, HFE and SR (else PSNR and SSIM only).
-
-    Returns:
-        ``psnr``, ``ssim`` [, ``nmse``, ``vif``, ``hfe``, ``sr``]: PSNR/SSIM/VIF with data range
-        = the volume's maximum, SSIM averaged over slices, HFE/SR of the volume's
-        planes pooled (in %). VIF is NaN for slices under 41 x 41 pixels.
-    """
-    p, t = pred.unsqueeze(0), target.unsqueeze(0)
-    return score(computed_metrics() if full else _QUICK_KEYS, p, t, cfg.eval, data_range=float(t.max()))
-
-
-_QUICK_KEYS = ("psnr", "ssim")
-_EVAL_KEYS = ("zf/psnr", "zf/ssim", "solver/eval_nstep", "solver/eval_abs_lowest", "solver/eval_rel_lowest")
-
-
-def _full_keys() -> tuple[str, ...]:
-    """Every registered image metric (:func:`suite.metrics.registry.computed_metrics`), then :data:`_EVAL_KEYS`."""
-    return (*computed_metrics(), *_EVAL_KEYS)
-
-
-def _noise_gen(seed: int, sigma_index: int, volume: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + sigma_index) * 1_000_033 + volume) % 2**63)
-
-
-def evaluate(model: nn.Module, store: SliceStore, cfg: ExperimentConfig, device: torch.device, full: bool = True,
-             sigma: float = 0.0, sigma_index: int = 0) -> tuple[list[dict[str, float]], Optional[dict]]:
-    """Per-volume metrics of the validation volumes (sharded over ranks, gathered).
-
-    Returns:
-        One metrics dict per volume (in file order, with ``fname``) and the first
-        volume's reconstruction (:func:`reconstruct_volume`; None on other ranks).
-    """
-    model.eval()
-    keys = _full_keys() if full else _QUICK_KEYS
-    vols = store.volumes()
-    s = D.shard(len(vols)) if D.is_distributed() else slice(0, len(vols))
-    rows, first = [], None
-    for v in range(s.start, s.stop):
-        gen = _noise_gen(cfg.seed, sigma_index, v) if sigma else None
-        rec = reconstruct_volume(model, store, vols[v][1], device, cfg.train.batch_size, sigma, gen)
-        m = volume_metrics(rec["pred"], rec["target"], cfg, full)
-        if full:
-            zf = volume_metrics(rec["zero_filled"], rec["target"], cfg, full=False)
-            m.update({"zf/psnr": zf["psnr"], "zf/ssim": zf["ssim"],
-                      "solver/eval_nstep": float(rec["nstep"].mean()),
-                      "solver/eval_abs_lowest": float(rec["abs_lowest"].mean()),
-                      "solver/eval_rel_lowest": float(rec["rel_lowest"].mean())})
-        rows.append([m[k] for k in keys])
-        if v == 0:
-            first = rec
-    table = D.gather_rows(torch.tensor(rows, dtype=torch.float64).reshape(-1, len(keys)), len(vols))
-    return [{"fname": vols[i][0], **dict(zip(keys, map(float, table[i])))} for i in range(len(vols))], first
-
-
-def _mean(rows: list[dict[str, float]], key: str) -> float:
-    vals = [r[key] for r in rows if not math.isnan(r[key])]
-    return float(np.mean(vals)) if vals else math.nan
-
-
-@torch.no_grad()
-def _solver_trace(model: nn.Module, store: SliceStore, indices: Sequence[int], device: torch.device) -> dict:
-    """torchdeq's forward residual trace on the middle slice of a volume (DEQ only)."""
-    if not isinstance(model, DEProx):
-        return {}
-    mid = indices[len(indices) // 2]
-    b = store.batch([mid], device)
-    physics = make_mri_physics(b["mask"], b.get("sens_maps"))
-    x0 = last_to_chan(physics.A_adjoint(b["kspace"]))
-    _, info = model.deq(model.step_fn(b["kspace"], physics), x0)
-    trace = {k: [float(v) for v in info[k][0] if float(v) < 1e7] for k in ("abs_trace", "rel_trace") if k in info}
-    return {"slice": int(mid), **trace}
-
-
-def _write_artifacts(outdir: Path, tracker: Tracker, first: dict, fname: str, results: dict, rows: list[dict],
-                     trace: dict) -> None:
-    """Middle-slice PNGs (scaled by the volume maximum; residual by its own maximum), the
-    first validation volume as ``images.pt`` (``(1, S, H, W)`` raw-unit magnitudes),
-    ``metrics.json`` (final and per-volume) and ``solver_trace.json``."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    pred, gt, zf = first["pred"], first["target"], first["zero_filled"]
-    mid = pred.shape[0] // 2
-    top = float(gt.max()) or 1.0
-    resid = (gt[mid] - pred[mid]).abs()
-    paths = [
-        save_png(pred[mid] / top, outdir / "reconstruction.png"),
-        save_png(resid / (float(resid.max()) or 1.0), outdir / "residual.png"),
-        save_png(gt[mid] / top, outdir / "ground_truth.png"),
-        save_png(zf[mid] / top, outdir / "zero_filled.png"),
-    ]
-    log_run_files(tracker, outdir, paths,
-                  {"reconstruction": pred[None], "ground_truth": gt[None], "zero_filled": zf[None], "volume": fname},
-                  {"metrics.json": {**results, "per_volume": rows}, "solver_trace.json": trace})
-
-
 # --------------------------------------------------------------------- the loop
 
 
@@ -391,7 +244,7 @@ def fit_deprox(
         save(ckpt, prog, t_start, model, opt, gen, step)
 
     def val_psnr() -> float:
-        return _mean(evaluate(model, data.val, cfg, device, full=False)[0], "psnr")
+        return mean_over_volumes(evaluate(model, data.val, cfg, device, full=False)[0], "psnr")
 
     if trains and prog.stage == 1:
         opt = torch.optim.Adam(model.denoiser.parameters(), lr=cfg.deprox.pretrain_lr)
@@ -435,7 +288,7 @@ def fit_deprox(
     model.eval()
     with PhasePeak(device) as peak:
         rows, first = evaluate(model, data.val, cfg, device, full=True)
-    results = {k: _mean(rows, k) for k in _full_keys()}
+    results = {k: mean_over_volumes(rows, k) for k in full_keys()}
     if not trains:  # no solver: iteration counts are 0, residuals do not apply
         results = {k: v for k, v in results.items() if not k.startswith("solver/eval_") or k == "solver/eval_nstep"}
         results.update({"solver/fwd_nstep": 0.0, "solver/bwd_nstep": 0.0})
@@ -446,8 +299,8 @@ def fit_deprox(
     for i, sigma in enumerate(cfg.eval.noise_sigmas):
         noisy = rows if sigma == 0 else evaluate(model, data.val, cfg, device, full=False, sigma=sigma,
                                                  sigma_index=i)[0]
-        results[noise_key(sigma, "psnr")] = _mean(noisy, "psnr")
-        results[noise_key(sigma, "ssim")] = _mean(noisy, "ssim")
+        results[noise_key(sigma, "psnr")] = mean_over_volumes(noisy, "psnr")
+        results[noise_key(sigma, "ssim")] = mean_over_volumes(noisy, "ssim")
     if prog.stage1_psnr is not None:
         results["stage1/psnr"] = prog.stage1_psnr
     results["time/total_s"] = time.perf_counter() - t_start
@@ -456,6 +309,6 @@ def fit_deprox(
         vols = data.val.volumes()
         trace = {"eval_per_volume": [{k: r[k] for k in ("fname", "solver/eval_nstep", "solver/eval_abs_lowest",
                                                         "solver/eval_rel_lowest") if k in r} for r in rows],
-                 "eval_middle_slice": _solver_trace(model, data.val, vols[0][1], device)}
-        _write_artifacts(Path(outdir), tracker, first, vols[0][0], results, rows, trace)
+                 "eval_middle_slice": solver_trace(model, data.val, vols[0][1], device)}
+        write_artifacts(Path(outdir), tracker, first, vols[0][0], results, rows, trace)
     return results
