@@ -92,7 +92,7 @@ def _seeds(value: Any, where: str) -> list[int]:
 def _axes(value: Any, where: str) -> dict[str, list[Any]]:
     if value is None:
         return {}
-    if not isinstance(value, dict) or not all(isinstance(v, list) and v for v in value.values()):
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, list) and v for k, v in value.items()):
         raise ConfigError(f"{where}: axes must map dotted keys to non-empty lists, got {value!r}")
     return value
 

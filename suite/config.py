@@ -396,6 +396,8 @@ def config_hash(cfg: ExperimentConfig) -> str:
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     """Sets ``tree["a"]["b"] = value`` for ``key="a.b"``, creating sub-dicts."""
+    if not isinstance(key, str):
+        raise ConfigError(f"key {key!r}: keys must be strings (dotted names such as train.epochs)")
     parts = key.split(".")
     node = tree
     for part in parts[:-1]:
@@ -495,6 +497,9 @@ def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    for key in data:
+        if not isinstance(key, str):
+            raise ConfigError(f"{prefix.rstrip('.') or 'config'}: key {key!r} is not a string")
     hints = get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))

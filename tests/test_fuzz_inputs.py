@@ -68,7 +68,7 @@ def cli(argv: list[str]) -> tuple[int, str, str]:
 
 scalars = (st.none() | st.booleans() | st.integers(-10**6, 10**12) | st.floats(allow_nan=True, allow_infinity=True)
            | st.text(max_size=12) | st.sampled_from(["", "camera", "anderson", "1e-3", "-1", "cuda", "synthetic"]))
-values = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+values = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6) | st.integers(0, 3), c, max_size=3),
                       max_leaves=6)
 junk_bytes = (st.text(max_size=200).map(lambda t: t.encode("utf-8", "replace")) | st.binary(max_size=200)
               | st.sampled_from([b"a: [1, 2", b"{", b"- 1\n- 2", b"a: b: c", b"\t x", b"name: x\nbase: [",
@@ -146,9 +146,9 @@ def sweep_specs(draw, base: str) -> dict:
     spec = {"name": draw(st.sampled_from(["fz", "", None, 3, "a b"])),
             "base": draw(st.sampled_from([base, base, "missing.yaml", "", 1])),
             "set": draw(st.sampled_from([{}, {"train.epochs": 1}]) | st.dictionaries(
-                st.sampled_from(["train.epochs", "data.size", "seed", "nope.x", "model", "train"]), values, max_size=2)),
+                st.sampled_from(["train.epochs", "data.size", "seed", "nope.x", "model", "train", 3]), values, max_size=2)),
             "axes": draw(st.none() | st.dictionaries(
-                st.sampled_from(["data.image", "deq.solver", "train.lr", "x.y", "train"]),
+                st.sampled_from(["data.image", "deq.solver", "train.lr", "x.y", "train", 1]),
                 st.lists(values, max_size=3) | values, max_size=2)),
             "seeds": draw(st.sampled_from([[0], [0, 1], 0]) | values)}
     if draw(st.booleans()):
