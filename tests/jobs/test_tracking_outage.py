@@ -5,8 +5,10 @@ backend). Once the cells train, the server is SIGKILLed (with its workers) and
 restarted on the same port and backend after a while. The cells keep training,
 buffer their metrics, retry with back-off and end FINISHED; every expected
 value of every per-epoch series arrives exactly once and the final metrics equal
-what each node job reported in its ``status.json``. The ≥ 20 s outage is slow;
-a 2 s one runs by default (two server start-ups: ~40 s idle, minutes under load).
+what each node job reported in its ``status.json``. Both the ≥ 20 s outage and
+a 2 s one are slow: an ``mlflow server`` start-up alone takes 10-50 s on the
+shared 2-core machine. By default the tracker's side runs fast, in process, on a
+real refused connection.
 
 When the server stays down past ``$DEQBENCH_TRACKING_MAX_OUTAGE_S``, the cell
 fails with reason TRACKING_UNAVAILABLE, and its checkpoint still holds what is
@@ -150,6 +152,7 @@ def _outage(tmp: Path, srv: Server, down_s: float, seeds: int, e1: int, e2: int)
     print(f"\noutage {down:.1f} s (killed to healthy): {counts}")
 
 
+@pytest.mark.slow  # short outage, but two server start-ups: ~2 min at load 7 on 2 cores
 def test_short_outage_loses_and_duplicates_nothing(tmp_path, server):
     _outage(tmp_path, server, down_s=2, seeds=2, e1=24, e2=4)
 
