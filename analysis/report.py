@@ -46,16 +46,18 @@ Outputs in DIR::
 
 Each image's files are also logged to its run as MLflow artifacts under ``report/``.
 
+Layout: this module writes the report; what it computes on one run's images
+is :mod:`analysis.run_images`, which runs it shows and its sweep-wide tables
+:mod:`analysis.run_selection`, the figures :mod:`analysis.figures`.
+
 Complex convention: images are real (magnitude images for MRI); spectra are
 ``fft2`` over the last two axes as in :mod:`suite.metrics.spectral`.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -63,6 +65,15 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from analysis.run_images import (  # noqa: F401  (re-exported: the report's building blocks)
+    OUTPUTS, RunImages, SpectralSettings, _QUANTITIES, images_from_dict, load_run_images, metric_history,
+    signal_characteristics, significant_residual_mask, stage_boundaries,
+)
+from analysis.run_selection import (  # noqa: F401  (re-exported)
+    EXPERIMENT_FIGURES, GROUP_KEYS, MODEL_KEYS, SECONDARY_GROUP_KEYS, SOLVER_KEYS, UNROLL_K_KEYS, _is_baseline,
+    _present, experiment_figures, family_of, group_keys, image_labels, memory_tables, model_label, noise_table,
+    representative_runs, solver_table,
+)
 from suite import metrics as M
 from suite.families import find_family
 
@@ -71,30 +82,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
 REPORT_KINDS = ("spectral",)
-GROUP_KEYS = ("data.image", "data.volume", "data.file", "data.path")
-"""Params that name the image a DEQ-INR/CRR run fits; the first present wins."""
-SECONDARY_GROUP_KEYS = ("deq.solver", "deq.grad", "model.filter")
-"""DEQ-INR/CRR params that also tell runs of one image apart, where they vary."""
-MODEL_KEYS = ("deprox.kind", "model.kind", "model.name", "family", "tag.family")
-"""Params (and tag) that name a run's model, first non-empty wins."""
-SOLVER_KEYS = ("deq.solver", "model.solver")
-UNROLL_K_KEYS = ("model.unroll_k", "model.n_iter", "model.k", "unroll.k", "deprox.n_iter", "deprox.unroll_k")
-"""Params holding an unrolled network's number of iterations K, first present wins."""
 STAGE1_LABEL = "DEQ (stage 1)"
 ZERO_FILLED_LABEL = "Zero-filled"
-OUTPUTS = ("zero_filled", "stage1", "final")
-"""Outputs compared, in column order: the ``A^H y`` baseline (DE-Prox), the frozen DEQ (CRR), the run's output."""
 GT_LABEL = "Ground truth"
 
 IMAGE_FIGURES = ("reconstructions", "residuals", "radial_spectra", "training_curves")
 """Per-image figures, in page order."""
-EXPERIMENT_FIGURES = ("noise_robustness", "solver_iterations", "memory_vs_k")
 CSV_NAME = "signal_characteristics.csv"
 HTML_NAME = "spectral_report.html"
 PDF_NAME = "spectral_report.pdf"
 ARTIFACT_DIR = "report"
 
-_QUANTITIES = ("psnr", "ssim", "hfe", "hfe_residual", "sr")
 CHARACTERISTIC_COLUMNS = (
     "image", "run_id", "run_name", "family", "seed", "volume", "slices", "height", "width", "source",
     "hfe_cutoff", "hfe_mode", "sr_threshold", "preset", "hfe_gt", "gain_db",
@@ -113,497 +111,7 @@ SUMMARY_COLUMNS = (
 """The columns shown in the HTML/PDF summary tables, less those empty for every row."""
 _ID_COLUMNS = ("image", "family", "run_name")
 
-_NOISE_RE = re.compile(r"^noise/(?P<sigma>[^/]+)/(?P<metric>psnr|ssim)$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-# --------------------------------------------------------------------- settings and images
-
-
-def _default(fn: Any, name: str) -> Any:
-    return inspect.signature(fn).parameters[name].default
-
-
-@dataclass(frozen=True)
-class SpectralSettings:
-    """The definitions of HFE and SR a run used.
-
-    Attributes:
-        hfe_cutoff: disk radius as a fraction of the Nyquist radius.
-        hfe_mode: ``"power"`` or ``"magnitude"``.
-        sr_threshold: fraction of the ground truth's range.
-        preset: the ``eval.preset`` the three values came from, or ``"none"``.
-    """
-
-    hfe_cutoff: float = _default(M.hfe, "cutoff")
-    hfe_mode: str = _default(M.hfe, "mode")
-    sr_threshold: float = _default(M.significant_residuals, "threshold")
-    preset: str = "none"
-
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "SpectralSettings":
-        """From a run's params (``eval.hfe_cutoff``, ...); defaults where absent or empty."""
-        def get(key: str, default: Any, cast: Any) -> Any:
-            value = params.get(key)
-            if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
-                return default
-            return cast(value)
-
-        base = cls()
-        return cls(
-            hfe_cutoff=get("eval.hfe_cutoff", base.hfe_cutoff, float),
-            hfe_mode=get("eval.hfe_mode", base.hfe_mode, str),
-            sr_threshold=get("eval.sr_threshold", base.sr_threshold, float),
-            preset=get("eval.preset", base.preset, str),
-        )
-
-
-@dataclass
-class RunImages:
-    """A run's images, all ``(1, C, H, W)`` real tensors of one shape.
-
-    Attributes:
-        ground_truth: the target.
-        final: the run's output (``images.pt["reconstruction"]``).
-        stage1: the frozen DEQ's output for CRR (``images.pt["stage1"]``), or None.
-        source: ``"images.pt"`` or ``"8-bit PNG"``.
-        zero_filled: the ``A^H y`` baseline for DE-Prox (``images.pt["zero_filled"]``), or None.
-        volume: the MRI volume these slices come from (``images.pt["volume"]``), or None.
-    """
-
-    ground_truth: torch.Tensor
-    final: torch.Tensor
-    stage1: torch.Tensor | None = None
-    source: str = "images.pt"
-    zero_filled: torch.Tensor | None = None
-    volume: str | None = None
-
-    def output(self, name: str) -> torch.Tensor | None:
-        """One of :data:`OUTPUTS` by name."""
-        return {"zero_filled": self.zero_filled, "stage1": self.stage1, "final": self.final}[name]
-
-
-def _as_4d(x: torch.Tensor, name: str) -> torch.Tensor:
-    """``(H, W)``, ``(C, H, W)`` or ``(1, C, H, W)`` as ``(1, C, H, W)``."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"images.pt[{name!r}] must be a tensor, got {type(x).__name__}")
-    if x.is_complex():
-        raise TypeError(f"images.pt[{name!r}] must be real (a magnitude image), got {x.dtype}")
-    while x.ndim < 4:
-        x = x.unsqueeze(0)
-    if x.ndim != 4 or x.shape[0] != 1:
-        raise ValueError(f"images.pt[{name!r}] must be (1, C, H, W), got shape {tuple(x.shape)}")
-    return x.detach().cpu()
-
-
-def images_from_dict(data: Mapping[str, Any], source: str = "images.pt") -> RunImages:
-    """:class:`RunImages` from the ``images.pt`` dictionary.
-
-    Args:
-        data: ``{"ground_truth", "reconstruction"[, "stage1"][, "zero_filled"]}`` tensors
-            ``(1, C, H, W)`` (``C`` slices of a volume), optionally ``"volume"`` (a name).
-        source: where they came from (shown in the report).
-
-    Raises:
-        ValueError: a required key is missing or the shapes differ.
-    """
-    missing = [k for k in ("ground_truth", "reconstruction") if k not in data]
-    if missing:
-        raise ValueError(f"images.pt lacks {missing}; it has {sorted(data)}")
-    gt = _as_4d(data["ground_truth"], "ground_truth")
-    final = _as_4d(data["reconstruction"], "reconstruction")
-    stage1 = _as_4d(data["stage1"], "stage1") if data.get("stage1") is not None else None
-    zf = _as_4d(data["zero_filled"], "zero_filled") if data.get("zero_filled") is not None else None
-    for name, x in (("reconstruction", final), ("stage1", stage1), ("zero_filled", zf)):
-        if x is not None and x.shape != gt.shape:
-            raise ValueError(f"images.pt[{name!r}] has shape {tuple(x.shape)}, ground truth {tuple(gt.shape)}")
-    volume = data.get("volume")
-    return RunImages(gt, final, stage1, source, zf, None if volume is None else str(volume))
-
-
-def _read_png(path: Path) -> torch.Tensor:
-    import skimage.io
-
-    arr = np.asarray(skimage.io.imread(path), dtype=np.float32)
-    if arr.ndim == 3:  # RGB(A) written by someone else: luminance
-        arr = arr[..., :3].mean(axis=-1)
-    return torch.from_numpy(arr / 255.0)[None, None]
-
-
-def load_run_images(client: Any, run_id: str) -> tuple[RunImages | None, list[str]]:
-    """Downloads a run's images: ``images.pt``, else its PNGs.
-
-    Args:
-        client: an ``MlflowClient``.
-        run_id: the run.
-
-    Returns:
-        ``(images or None, notes)``; notes say what was missing or substituted.
-    """
-    notes: list[str] = []
-    try:
-        names = {Path(f.path).name for f in client.list_artifacts(run_id)}
-    except Exception as err:  # unreachable artifact store: report without images
-        return None, [f"artifacts of run {run_id} could not be listed: {err}"]
-    with tempfile.TemporaryDirectory(prefix="deqbench-report-") as tmp:
-        if "images.pt" in names:
-            path = Path(client.download_artifacts(run_id, "images.pt", tmp))
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            images = images_from_dict(data)
-            if images.stage1 is None and "stage1.png" in names:
-                images.stage1 = _read_png(Path(client.download_artifacts(run_id, "stage1.png", tmp)))
-                notes.append("stage-1 image read from the 8-bit stage1.png (images.pt has no 'stage1')")
-            return images, notes
-        if {"ground_truth.png", "reconstruction.png"} <= names:
-            png = {n: _read_png(Path(client.download_artifacts(run_id, n, tmp)))
-                   for n in ("ground_truth.png", "reconstruction.png", "stage1.png") if n in names}
-            notes.append("images.pt not recorded: values computed on the 8-bit PNGs (differ from logged metrics)")
-            return RunImages(png["ground_truth.png"], png["reconstruction.png"], png.get("stage1.png"),
-                             "8-bit PNG"), notes
-    return None, [f"run {run_id} recorded no images (neither images.pt nor ground_truth.png/reconstruction.png)"]
-
-
-# --------------------------------------------------------------------- numbers
-
-
-def _data_range(family: str | None, gt: torch.Tensor) -> torch.Tensor | None:
-    """The family's data range (:attr:`suite.families.Family.data_range`, e.g. a volume's maximum), else None."""
-    fam = find_family(family)
-    return fam.data_range(gt) if fam is not None and fam.data_range is not None else None
-
-
-def significant_residual_mask(pred: torch.Tensor, target: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Pixels counted by :func:`suite.metrics.significant_residuals`.
-
-    ``|target - pred| > threshold * (max - min of target)`` per sample, in the
-    same dtype arithmetic, so ``100 * mask.mean()`` equals the SR share.
-
-    Args:
-        pred: ``(B, C, H, W)``.
-        target: ``(B, C, H, W)``.
-        threshold: fraction of the target's range.
-
-    Returns:
-        ``(B, C, H, W)`` boolean.
-    """
-    dtype = torch.float64 if torch.float64 in (pred.dtype, target.dtype) else torch.float32
-    flat = target.reshape(target.shape[0], -1)
-    bound = (threshold * (flat.amax(dim=1) - flat.amin(dim=1)).to(torch.float64)).to(dtype)
-    return (target.to(dtype) - pred).abs() > bound.view(-1, 1, 1, 1)
-
-
-def signal_characteristics(
-    images: RunImages, settings: SpectralSettings, family: str | None = None
-) -> dict[str, float]:
-    """PSNR, SSIM, HFE and SR of each output, and HFE of the ground truth and residuals.
-
-    All by :mod:`suite.metrics` with ``settings``; PSNR/SSIM use the ground
-    truth's range, or the family's own (:attr:`suite.families.Family.data_range`:
-    a volume's maximum for DE-Prox).
-
-    Args:
-        images: the run's images ``(1, C, H, W)``.
-        settings: HFE/SR definitions.
-        family: the run's family.
-
-    Returns:
-        Keys ``hfe_gt`` and, for each of :data:`OUTPUTS`: ``psnr_*``, ``ssim_*``,
-        ``hfe_*``, ``hfe_residual_*``, ``sr_*`` (NaN where the output is missing),
-        and ``gain_db = psnr_final - psnr_stage1``.
-    """
-    gt = images.ground_truth
-    hfe_kw = {"cutoff": settings.hfe_cutoff, "mode": settings.hfe_mode}
-    out = {"hfe_gt": float(M.hfe(gt, **hfe_kw)[0])}
-    rng = _data_range(family, gt)
-    for name in OUTPUTS:
-        pred = images.output(name)
-        if pred is None:
-            for k in _QUANTITIES:
-                out[f"{k}_{name}"] = math.nan
-            continue
-        out[f"psnr_{name}"] = float(M.psnr(pred, gt, data_range=rng)[0])
-        out[f"ssim_{name}"] = float(M.ssim(pred, gt, data_range=rng)[0]) if min(gt.shape[-2:]) >= 7 else math.nan
-        out[f"hfe_{name}"] = float(M.hfe(pred, **hfe_kw)[0])
-        out[f"hfe_residual_{name}"] = float(M.hfe(gt - pred, **hfe_kw)[0])
-        out[f"sr_{name}"] = float(M.significant_residuals(pred, gt, threshold=settings.sr_threshold)[0])
-    out["gain_db"] = out["psnr_final"] - out["psnr_stage1"]
-    return out
-
-
-def metric_history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
-    """``(step, value)`` of one metric, by step (the newest value where a step repeats)."""
-    by_step: dict[int, tuple[int, float]] = {}
-    for m in client.get_metric_history(run_id, key):
-        if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
-            by_step[m.step] = (m.timestamp, float(m.value))
-    return [(s, by_step[s][1]) for s in sorted(by_step)]
-
-
-def stage_boundaries(stage: Sequence[tuple[int, float]]) -> list[int]:
-    """Epochs at which the logged ``stage`` changes: the first epoch of each new stage.
-
-    Args:
-        stage: ``(epoch, stage)`` history, any order.
-
-    Returns:
-        Sorted epochs whose stage differs from the previous logged epoch's.
-    """
-    ordered = sorted(stage)
-    return [s for (_, prev), (s, cur) in zip(ordered, ordered[1:]) if cur != prev]
-
-
-# --------------------------------------------------------------------- run selection
-
-
-def _present(value: Any) -> bool:
-    """False for None, NaN, NaT and pd.NA (what a missing param or metric reads as)."""
-    import pandas as pd
-
-    if value is None:
-        return False
-    na = pd.isna(value)
-    return not (np.ndim(na) == 0 and bool(na))
-
-
-def _first(row: Mapping[str, Any], keys: Sequence[str]) -> Any:
-    return next((row[k] for k in keys if k in row and _present(row[k]) and str(row[k]) != ""), None)
-
-
-def family_of(row: Mapping[str, Any]) -> str | None:
-    """A run's family (param ``family``, else tag ``family``)."""
-    value = _first(row, ("family", "tag.family"))
-    return None if value is None else str(value)
-
-
-def group_keys(family: str | None, columns: Sequence[str]) -> tuple[str, ...]:
-    """The params that say what a run of ``family`` reconstructs, the naming one first.
-
-    Args:
-        family: the run's family.
-        columns: the columns of the runs table.
-
-    Returns:
-        the family's :attr:`~suite.families.Family.group_keys`, or else the first of
-        :data:`GROUP_KEYS` then :data:`SECONDARY_GROUP_KEYS`; only those present
-        in ``columns``; empty when the naming one is absent.
-    """
-    fam = find_family(family)
-    if fam is not None and fam.group_keys:
-        keys = fam.group_keys
-    else:
-        first = next((k for k in GROUP_KEYS if k in columns), None)
-        keys = (first, *SECONDARY_GROUP_KEYS) if first else ()
-    if not keys or keys[0] not in columns:
-        return ()
-    return tuple(k for k in keys if k in columns)
-
-
-def image_labels(runs: "pd.DataFrame") -> list[str]:
-    """What each run reconstructs, as a label; runs with one label form one group.
-
-    The value of the family's naming param — the image (``data.image``) for
-    DEQ-INR and CRR, the model kind (``deprox.kind``) for DE-Prox — followed by
-    ``name=value`` for each other group param (:func:`group_keys`) that varies
-    among the experiment's runs of that family and naming value: ``camera``,
-    ``camera, solver=anderson``, ``deq, acceleration=4``, ``unrolled, unroll_k=5``.
-    A run without the naming param is ``run-<id prefix>``. When the experiment
-    mixes families the family is appended, e.g. ``camera (deq_inr)``.
-
-    Args:
-        runs: wide table of :func:`analysis.runs.load_runs`.
-
-    Returns:
-        One label per row.
-    """
-    records = runs.to_dict("records")
-    families = [family_of(r) for r in records]
-    columns = list(runs.columns)
-    labels = []
-    for rec, fam in zip(records, families):
-        keys = group_keys(fam, columns)
-        if not keys or not _present(rec.get(keys[0])):
-            labels.append(f"run-{str(rec['run_id'])[:8]}")
-            continue
-        name = str(rec[keys[0]])
-        same = [r for r, f in zip(records, families) if f == fam and str(r.get(keys[0])) == name]
-        varying = [k for k in keys[1:] if len({str(r.get(k)) for r in same}) > 1]
-        labels.append(name + "".join(f", {k.rsplit('.', 1)[-1]}={rec.get(k)}" for k in varying))
-    if len(set(families)) > 1:
-        labels = [f"{lab} ({fam})" for lab, fam in zip(labels, families)]
-    return labels
-
-
-def model_label(row: Mapping[str, Any]) -> str:
-    """A run's model: the first of :data:`MODEL_KEYS` it has, else ``"unknown"``."""
-    value = _first(row, MODEL_KEYS)
-    return "unknown" if value is None else str(value)
-
-
-def _seed_order(seed: Any) -> tuple[int, float]:
-    """Sort key of a seed: numeric seeds first, smallest first; missing ones last."""
-    try:
-        return (0, float(seed)) if _present(seed) else (1, 0.0)
-    except (TypeError, ValueError):
-        return (1, 0.0)
-
-
-def representative_runs(runs: "pd.DataFrame") -> "pd.DataFrame":
-    """One run per image (label of :func:`image_labels`): the seed-0 run.
-
-    Where a group has no seed 0, its smallest seed stands in; where a seed was
-    run more than once (a re-run), the newest run counts, as in
-    :mod:`analysis.table`.
-
-    Args:
-        runs: wide table of :func:`analysis.runs.load_runs` (FINISHED runs).
-
-    Returns:
-        The chosen rows, ordered by label, with an added ``image`` column.
-    """
-    df = runs.assign(image=image_labels(runs))
-    chosen = []
-    for _, part in df.groupby("image", sort=True):
-        seeds = part["seed"] if "seed" in part.columns else [None] * len(part)
-        starts = part["start_time"] if "start_time" in part.columns else [None] * len(part)
-        order = sorted(
-            zip(part.index, seeds, starts),
-            key=lambda t: (_seed_order(t[1]), -(t[2].value if _present(t[2]) else 0)),
-        )
-        chosen.append(order[0][0])
-    return df.loc[chosen].reset_index(drop=True)
-
-
-# --------------------------------------------------------------------- sweep-wide tables
-
-
-def _is_unrolled(label: str) -> bool:
-    return "unroll" in label.lower()
-
-
-def _is_baseline(label: str) -> bool:
-    low = label.lower()
-    return "zero" in low or low in ("zf", "adjoint")
-
-
-def noise_table(runs: "pd.DataFrame") -> "pd.DataFrame":
-    """Noise-robustness values in long form.
-
-    Args:
-        runs: wide table (FINISHED runs); metrics ``noise/<sigma>/psnr`` and ``noise/<sigma>/ssim``.
-
-    Returns:
-        Columns ``model``, ``run_id``, ``sigma`` (float), ``metric``, ``value``;
-        one row per run and logged metric (empty when none). ``model`` is the
-        run's :func:`image_labels` label (its configuration less the seed, e.g.
-        ``deq, acceleration=4`` or ``unrolled, unroll_k=5``), so seeds average and
-        configurations do not.
-    """
-    import pandas as pd
-
-    cols = [(c, _NOISE_RE.match(c)) for c in runs.columns]
-    rows = []
-    for rec, label in zip(runs.to_dict("records"), image_labels(runs)):
-        for col, m in cols:
-            if m is None or not _present(rec[col]):
-                continue
-            try:
-                sigma = float(m["sigma"])
-            except ValueError:
-                continue
-            rows.append({"model": label, "run_id": rec["run_id"], "sigma": sigma,
-                         "metric": m["metric"], "value": float(rec[col])})
-    return pd.DataFrame(rows, columns=["model", "run_id", "sigma", "metric", "value"])
-
-
-def solver_table(runs: "pd.DataFrame", client: Any) -> "pd.DataFrame":
-    """Per-epoch solver iterations of every DEQ run, in long form.
-
-    Unrolled and zero-filled runs are left out (their "iterations" are fixed).
-
-    Args:
-        runs: wide table (FINISHED runs).
-        client: an ``MlflowClient`` (histories of ``solver/fwd_nstep`` and ``solver/bwd_nstep``).
-
-    Returns:
-        Columns ``solver``, ``direction`` (``forward``/``backward``), ``run_id``,
-        ``step``, ``nstep``; one row per logged epoch.
-    """
-    import pandas as pd
-
-    rows = []
-    for rec in runs.to_dict("records"):
-        label = model_label(rec)
-        if _is_unrolled(label) or _is_baseline(label):
-            continue
-        solver = _first(rec, SOLVER_KEYS)
-        for key, direction in (("solver/fwd_nstep", "forward"), ("solver/bwd_nstep", "backward")):
-            if key not in rec or not _present(rec[key]):
-                continue
-            for step, value in metric_history(client, rec["run_id"], key):
-                rows.append({"solver": "unknown" if solver is None else str(solver), "direction": direction,
-                             "run_id": rec["run_id"], "step": step, "nstep": value})
-    return pd.DataFrame(rows, columns=["solver", "direction", "run_id", "step", "nstep"])
-
-
-def memory_tables(runs: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.DataFrame"]:
-    """Peak memory of unrolled runs by K, and of the DEQ runs of the same families.
-
-    Args:
-        runs: wide table (FINISHED runs) with ``mem/peak_mb``.
-
-    Returns:
-        ``(unrolled, deq)``: ``unrolled`` has ``model``, ``k``, ``mem_mb``,
-        ``run_id`` (runs whose model names "unroll" and that have a K param,
-        :data:`UNROLL_K_KEYS`); ``deq`` has ``model``, ``mem_mb``, ``run_id``
-        (other non-baseline runs of a family that has unrolled runs).
-    """
-    import pandas as pd
-
-    unrolled, deq = [], []
-    if "mem/peak_mb" in runs.columns:
-        records = [r for r in runs.to_dict("records") if _present(r["mem/peak_mb"])]
-        for rec in records:
-            label = model_label(rec)
-            k = _first(rec, UNROLL_K_KEYS)
-            if _is_unrolled(label) and k is not None:
-                unrolled.append({"model": label, "k": int(k), "mem_mb": float(rec["mem/peak_mb"]),
-                                 "run_id": rec["run_id"], "family": _first(rec, ("family", "tag.family"))})
-        families = {u["family"] for u in unrolled}
-        for rec in records:
-            label = model_label(rec)
-            family = _first(rec, ("family", "tag.family"))
-            if not _is_unrolled(label) and not _is_baseline(label) and family in families:
-                deq.append({"model": label, "mem_mb": float(rec["mem/peak_mb"]), "run_id": rec["run_id"]})
-    return (pd.DataFrame(unrolled, columns=["model", "k", "mem_mb", "run_id"]),
-            pd.DataFrame(deq, columns=["model", "mem_mb", "run_id"]))
-
-
-def experiment_figures(runs: "pd.DataFrame", client: Any) -> tuple[dict[str, "Figure"], list[str]]:
-    """The sweep-wide figures whose data exist, and what was skipped (with why).
-
-    Returns:
-        ``({name: figure}, skipped)``, names from :data:`EXPERIMENT_FIGURES`.
-    """
-    from analysis import figures as F
-
-    figs: dict[str, Figure] = {}
-    skipped: list[str] = []
-    noise = noise_table(runs)
-    if len(noise):
-        figs["noise_robustness"] = F.noise_figure(noise)
-    else:
-        skipped.append("noise_robustness: no run logged noise/<sigma>/psnr or noise/<sigma>/ssim")
-    solver = solver_table(runs, client)
-    if len(solver):
-        figs["solver_iterations"] = F.solver_figure(solver)
-    else:
-        skipped.append("solver_iterations: no DEQ run logged solver/fwd_nstep")
-    unrolled, deq = memory_tables(runs)
-    if len(unrolled):
-        figs["memory_vs_k"] = F.memory_figure(unrolled, deq)
-    else:
-        skipped.append(f"memory_vs_k: no unrolled run with mem/peak_mb and a K param ({', '.join(UNROLL_K_KEYS)})")
-    return figs, skipped
 
 
 # --------------------------------------------------------------------- per-image figures
@@ -791,8 +299,23 @@ def _settings_note(df: "pd.DataFrame") -> str:
 
     parts = sorted({f"HFE outside {r.hfe_cutoff:g} x Nyquist ({r.hfe_mode}{preset(r)}), "
                     f"SR > {100 * r.sr_threshold:g} % of range" for r in df.itertuples()})
-    return "Definitions: " + "; ".join(parts) + ". PSNR in dB, HFE and SR in %. " \
+    return "Definitions: " + "; ".join(parts) + f". {_units_note(_QUANTITIES)} " \
         "'stage1' = frozen DEQ (CRR stage 1), 'final' = the run's output, 'residual' = gt - output."
+
+
+def _units_note(quantities: Sequence[str]) -> str:
+    """``PSNR in dB, HFE and SR in %; higher is better: PSNR, SSIM; lower: SR.`` from the metric registry."""
+    from suite.metrics.registry import METRICS
+
+    names = [q for q in quantities if q in METRICS]
+    by_unit: dict[str, list[str]] = {}
+    for q in names:
+        if METRICS[q].unit:
+            by_unit.setdefault(METRICS[q].unit, []).append(q.upper())
+    units = ", ".join(f"{' and '.join(qs)} in {u}" for u, qs in by_unit.items())
+    better = {d: [q.upper() for q in names if METRICS[q].direction == d] for d in ("max", "min")}
+    return (f"{units}; higher is better: {', '.join(better['max']) or '-'}, "
+            f"lower: {', '.join(better['min']) or '-'}.")
 
 
 def _check_logged(chars: Mapping[str, float], metrics: Mapping[str, Any], source: str) -> list[str]:
