@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs-dir", default=None)
     s.add_argument("--json", action="store_true", help="one JSON object (per refresh with --watch) for scripts")
     s.add_argument("--watch", type=float, nargs="?", const=5.0, default=None, metavar="SECONDS",
-                   help="refresh every SECONDS (default 5) until no cell is running or pending")
+                   help="refresh every SECONDS (default 5) until every cell has ended, or Ctrl-C")
     _common(s)
     s.set_defaults(func=cmd_status)
 

@@ -122,7 +122,7 @@ def _detail(row: dict[str, Any]) -> str:
 
 
 def watch(show: Callable[[], tuple[str, Counter[str]]], every_s: float, clear: bool) -> int:
-    """Prints ``show()`` every ``every_s`` seconds until no cell is RUNNING or PENDING any more, or Ctrl-C.
+    """Prints ``show()`` every ``every_s`` seconds until every cell has ended (FINISHED, FAILED, KILLED), or Ctrl-C.
 
     Args:
         show: :func:`sweep_status` with its arguments bound.
@@ -141,7 +141,7 @@ def watch(show: Callable[[], tuple[str, Counter[str]]], every_s: float, clear: b
                       flush=True)
             else:
                 print(text, flush=True)
-            if not counts.get("RUNNING") and not counts.get("PENDING"):
+            if set(counts) <= {"FINISHED", "FAILED", "KILLED"}:
                 break
             time.sleep(every_s)
     except KeyboardInterrupt:
