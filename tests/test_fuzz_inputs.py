@@ -297,4 +297,5 @@ def test_a_sweep_goes_on_past_a_cell_with_a_bad_fastmri_file(tmp_path):
     assert "Traceback" not in out.stdout + out.stderr
     (failed,) = [ln for ln in out.stdout.splitlines() if ln.strip().startswith("FAILED")]
     assert str(files[0]) in failed and re.search(r"non-finite|NaN", failed), failed
+    print("\n" + failed)
     assert "1 finished, 1 failed" in out.stdout
