@@ -472,8 +472,9 @@ def _sacct_details(ids: List[str]) -> Tuple[Dict[str, JobState], set]:
     and the ids they cover (an array id, a task's own job id)."""
     args = ["sacct", "-n", "-P", "-X", "-o", "JobID,JobIDRaw,State,ExitCode,Reason", "-j", ",".join(ids)]
     proc = _run(args)
-    if proc.returncode != 0:
-        raise _controller_error(args, proc)
+    if proc.returncode != 0:  # accounting went away (slurmdbd down, cluster restarted without it): ask squeue
+        _accounting_seen.clear()
+        return {}, set()
     found: Dict[str, JobState] = {}
     raw_ids: Dict[str, str] = {}
     for line in proc.stdout.splitlines():
