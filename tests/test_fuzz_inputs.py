@@ -2,8 +2,9 @@
 
 Each malformed input gets one clear line (the CLI's ``deqbench CMD: error: ...``,
 exit 2) or, for data that only a running cell reads, a FAILED cell with a
-one-line reason naming the file -- never a traceback, never a hang. Every
-property runs a bounded number of examples with a deadline; the whole module
+one-line reason naming the file -- never a traceback, never a hang (a case
+running over 30 s fails: :func:`no_hang`). Every property runs a bounded
+number of examples with a deadline; the whole module
 stays within about a minute on two cores. ``FUZZ_EXAMPLES`` scales the counts.
 """
 
@@ -13,6 +14,7 @@ import contextlib
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +36,8 @@ CASES: dict[str, int] = {}  # property -> examples run (printed at the end of th
 
 
 def fuzz(n: int, **kw):
-    """``@settings`` for a bounded property: ``n`` examples (× ``$FUZZ_EXAMPLES``), 5 s deadline each."""
-    return settings(max_examples=max(1, int(n * SCALE)), deadline=5000, database=None, derandomize=True,
+    """``@settings`` for a bounded property: ``n`` examples (× ``$FUZZ_EXAMPLES``), a 20 s deadline each."""
+    return settings(max_examples=max(1, int(n * SCALE)), deadline=20000, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], **kw)
 
 
@@ -49,6 +51,20 @@ def _report_cases():
     print(f"\nfuzz cases run: {sum(CASES.values())} ({', '.join(f'{k} {v}' for k, v in sorted(CASES.items()))})")
 
 
+@contextlib.contextmanager
+def no_hang(seconds: float = 30.0):
+    """Fails the example if its block runs longer than ``seconds`` (a hang, not just a slow case)."""
+    def hung(*_):
+        raise TimeoutError(f"hung: over {seconds:g} s")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def one_line(text: str) -> bool:
     return len(text.strip().splitlines()) == 1
 
@@ -56,7 +72,7 @@ def one_line(text: str) -> bool:
 def cli(argv: list[str]) -> tuple[int, str, str]:
     """``deqbench ARGV`` in this process: exit code, stdout, stderr; an escaping exception fails the test."""
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), no_hang():
         try:
             code = main(argv)
         except SystemExit as exc:  # argparse usage errors
@@ -115,7 +131,8 @@ def test_malformed_experiment_config_is_one_line_or_valid(tmp_path_factory, tree
     _count("experiment configs")
     path = _write(tmp_path_factory.mktemp("e") / "exp.yaml", tree)
     try:
-        load_config(path)
+        with no_hang():
+            load_config(path)
     except ConfigError as err:
         assert one_line(str(err)), str(err)
     else:
@@ -191,7 +208,8 @@ def test_malformed_launcher_config_is_one_line(tmp_path_factory, data):
     for load in (lambda: load_launcher_config(path, check_cluster=False),
                  lambda: ray_launcher.load_config(type("A", (), {"launcher_config": str(path)}))):
         try:
-            load()
+            with no_hang():
+                load()
         except (ValueError, TypeError, RuntimeError, FileNotFoundError) as err:  # what the CLI turns into exit 2
             assert one_line(str(err)) and str(path) in str(err), str(err)
 
@@ -264,8 +282,9 @@ def test_bad_fastmri_file_is_one_line_naming_the_file(tmp_path_factory, good_vol
         with contextlib.suppress(Exception):  # an earlier mutation took what this one needs
             _rewrite(path, lambda hf: MUTATIONS[name](hf, rng))
     try:
-        ds = FastMRISliceDataset([path], "singlecoil", slice_range=None, crop_size=CROP, crop_mode=crop_mode)
-        items = [ds[i] for i in range(len(ds))]
+        with no_hang():
+            ds = FastMRISliceDataset([path], "singlecoil", slice_range=None, crop_size=CROP, crop_mode=crop_mode)
+            items = [ds[i] for i in range(len(ds))]
     except (ValueError, FileNotFoundError) as err:
         assert one_line(str(err)) and str(path) in str(err), f"{mutations}: {err}"
         return
