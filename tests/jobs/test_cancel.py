@@ -154,3 +154,70 @@ def test_cancel_stops_a_ray_sweep(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SIGINT to the ray launcher" in out.stdout and "2 cell(s) KILLED" in out.stdout, out.stdout + log[-3000:]
     _assert_killed_and_resumable(tmp_path, "t_cancel_ray")
+
+
+# --- fast: the local launcher's stop switch and exit reasons, with stand-in cell processes ------------
+STAND_IN = r"""
+import json, os, signal, sys, time
+wd, what = os.path.dirname(sys.argv[1]), sys.argv[2]
+def status(**kw):
+    open(os.path.join(wd, "status.json"), "w").write(json.dumps(kw))
+if what == "exit3":
+    sys.exit(3)
+if what == "sigkill":
+    os.kill(os.getpid(), signal.SIGKILL)
+status(state="RUNNING", pid=os.getpid())
+def stop(signum, frame):  # what the node job does on SIGTERM: checkpoint, then end KILLED
+    status(state="KILLED", error="stopped by SIGTERM after saving checkpoint 3", reason="SIGTERM")
+    sys.exit(1)
+signal.signal(signal.SIGTERM, stop)
+time.sleep(60)
+status(state="FINISHED")
+"""
+
+
+def _stand_in(behaviour):
+    return lambda cell, path: [sys.executable, "-c", STAND_IN, str(path), behaviour(cell)]
+
+
+def _cells(tmp, names):
+    from jobs.cells import Cell
+
+    return [Cell(config={"train": {"device": "cpu"}}, hash=n, experiment="t_stop", workdir=str(tmp / n),
+                 tracking_uri=f"sqlite:///{tmp}/mlflow.db", label=n) for n in names]
+
+
+def test_a_cell_process_that_dies_is_failed_with_its_exit_code_or_signal(tmp_path):
+    from jobs.launchers import local
+
+    cells = _cells(tmp_path, ["exit3", "sigkill"])
+    out = {o["hash"]: o for o in local.submit(cells, workers=2, progress=False, command=_stand_in(lambda c: c.hash))}
+    assert (out["exit3"]["state"], out["exit3"]["reason"]) == ("FAILED", "exit code 3")
+    assert (out["sigkill"]["state"], out["sigkill"]["reason"]) == ("FAILED", "signal SIGKILL")
+    assert json.loads((tmp_path / "sigkill" / "status.json").read_text())["reason"] == "signal SIGKILL"
+
+
+def test_sigint_to_the_local_launcher_stops_running_and_queued_cells(tmp_path):
+    """Ctrl-C: the running cell gets SIGTERM (and ends KILLED), the queued ones never start; all CANCELLED."""
+    import threading
+
+    from jobs.launchers import local
+
+    cells = _cells(tmp_path, ["a", "b", "c"])
+    running = tmp_path / "a" / "status.json"
+
+    def ctrl_c():
+        deadline = time.monotonic() + 60
+        while not running.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    t0 = time.monotonic()
+    out = {o["hash"]: o for o in local.submit(cells, workers=1, progress=False, command=_stand_in(lambda c: "sleep"))}
+    assert time.monotonic() - t0 < 30  # not the 60 s the stand-in sleeps
+    assert {h: (o["state"], o["reason"]) for h, o in out.items()} == {h: ("KILLED", "CANCELLED") for h in "abc"}
+    assert out["a"]["error"] == "stopped by SIGTERM after saving checkpoint 3"  # it stopped itself, gracefully
+    assert not (tmp_path / "b" / "status.json").read_text().count("RUNNING")  # never started
+    assert json.loads((tmp_path / "launcher.json").read_text())["pid"] == os.getpid()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
