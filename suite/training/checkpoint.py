@@ -55,12 +55,18 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, read-only or missing directory); names the path."""
 
 
-def encode(obj: Any) -> bytes:
-    """``obj`` as the bytes of a checkpoint file: header + ``torch.save`` payload."""
+def _encode_parts(obj: Any) -> tuple[bytes, memoryview]:
+    """The header and the ``torch.save`` payload of ``obj`` (not joined: a large checkpoint is not copied)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    payload = buf.getvalue()
-    return _HEADER.pack(MAGIC, len(payload), hashlib.sha256(payload).digest()) + payload
+    payload = buf.getbuffer()
+    return _HEADER.pack(MAGIC, len(payload), hashlib.sha256(payload).digest()), payload
+
+
+def encode(obj: Any) -> bytes:
+    """``obj`` as the bytes of a checkpoint file: header + ``torch.save`` payload."""
+    header, payload = _encode_parts(obj)
+    return header + bytes(payload)
 
 
 def decode(data: bytes) -> Any:
@@ -99,7 +105,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_chunks(fh: Any, data: bytes) -> None:
+def _write_chunks(fh: Any, data: bytes | memoryview) -> None:
     delay = float(os.environ.get(DELAY_ENV) or 0)
     if delay <= 0:
         fh.write(data)
@@ -110,8 +116,8 @@ def _write_chunks(fh: Any, data: bytes) -> None:
         time.sleep(delay)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that a crash leaves the old file or the new one, never a mix.
+def write_atomic(path: Path, *parts: bytes | memoryview) -> None:
+    """Writes ``parts`` one after the other to ``path``; a crash leaves the old file or the new one, never a mix.
 
     Raises:
         CheckpointWriteError: the file system refused (no space, read-only, ...);
@@ -120,7 +126,8 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP}")
     try:
         with open(tmp, "wb") as fh:
-            _write_chunks(fh, data)
+            for data in parts:
+                _write_chunks(fh, data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -196,7 +203,7 @@ class Checkpointer:
         for stale in self._leftovers():  # a killed save's partial file: the one writer of this directory is us
             _unlink_quietly(stale)
         path = self.directory / f"ckpt_{step:08d}.pt"
-        write_atomic(path, encode({**state, "extra": dict(self.extra)}))
+        write_atomic(path, *_encode_parts({**state, "extra": dict(self.extra)}))
         for _, old in self._files()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
