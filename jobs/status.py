@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-from jobs.cells import expand_sweep
-from jobs.node import read_status
+from jobs.cells import expand_sweep, read_status  # not jobs.node: status imports neither torch nor mlflow
 from jobs.progress import describe
+
+STORE_PATIENCE_S = 5.0  # how long status waits for an unreachable MLflow store before going on without it
 
 
 def cell_states(sweep: str | Path, runs_dir: str | Path | None, uri: str) -> tuple[str, list[dict[str, Any]]]:
     """The sweep's name and one record per cell.
 
     State: FINISHED/FAILED/KILLED/RUNNING from ``status.json`` (MLflow FINISHED
-    wins: the store is the record); for a cell submitted to Slurm
+    wins: the store is the record; when it is unreachable, a line on stderr says
+    so and ``status.json`` alone decides); for a cell submitted to Slurm
     (``submitted.json``) PENDING/RUNNING from ``squeue`` when ``status.json``
     is absent or older than the submission, or the job waits after a requeue
     (works with accounting disabled); else NOT_STARTED.
@@ -32,7 +35,15 @@ def cell_states(sweep: str | Path, runs_dir: str | Path | None, uri: str) -> tup
     from jobs import tracking
 
     name, cells = expand_sweep(sweep, runs_dir=runs_dir, tracking_uri=uri)
-    finished = tracking.finished_hashes(uri, name)
+    # The store can only turn a cell FINISHED: when every cell's status.json says it ended and none went
+    # to Slurm (whose status.json may be stale), it adds nothing, and mlflow (seconds to import) stays out.
+    ended = all(read_status(c.workdir).get("state") in ("FINISHED", "FAILED", "KILLED")
+                and not (Path(c.workdir) / "submitted.json").exists() for c in cells)
+    try:
+        finished = set() if ended else tracking.finished_hashes(uri, name, patience_s=STORE_PATIENCE_S)
+    except tracking.TrackingUnavailable as err:  # an outage is when one wants to look: say so, go on
+        print(f"deqbench status: {err}; states from the cells' status.json only", file=sys.stderr, flush=True)
+        finished = set()
     slurm = _slurm_states([c.workdir for c in cells if c.hash not in finished])
     rows = []
     for c in cells:
@@ -57,6 +68,8 @@ def _slurm_states(workdirs: list[str]) -> dict[str, tuple[dict, str]]:
     Empty when nothing was submitted or Slurm cannot be asked (not installed,
     controller down): the work directories alone then tell the state.
     """
+    if not any((Path(w) / "submitted.json").exists() for w in workdirs):
+        return {}  # a local sweep: no Slurm to ask (and no jobs.node, torch, to import)
     from jobs.launchers.submitit_launcher import read_submitted
 
     subs = {w: sub for w in workdirs if (sub := read_submitted(w)).get("job_id")}

@@ -104,14 +104,16 @@ def _retry(fn: Callable[[], T], patience_s: float = _PATIENCE_S, since: float | 
 
 def _fail_fast_http() -> None:
     """One HTTP attempt per call, 30 s timeout, unless the user set otherwise: our own retries
-    (with the outage limit) replace MLflow's, which would block training for minutes."""
+    (:func:`_retry`, with its patience) replace MLflow's, which block each call for minutes."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def client(uri: str) -> Any:
-    """An ``MlflowClient`` for ``uri`` (imports mlflow lazily)."""
+    """An ``MlflowClient`` for ``uri`` (imports mlflow lazily); HTTP calls fail fast (see :func:`_fail_fast_http`)."""
     from mlflow.tracking import MlflowClient
+
+    _fail_fast_http()
 
     return MlflowClient(tracking_uri=uri)
 
@@ -133,16 +135,16 @@ def experiment_id(uri: str, name: str, patience_s: float = _PATIENCE_S) -> str:
         return exp.experiment_id
 
 
-def runs_by_hash(uri: str, name: str) -> dict[str, Any]:
+def runs_by_hash(uri: str, name: str, patience_s: float = _PATIENCE_S) -> dict[str, Any]:
     """Newest run per ``cell_hash`` tag in experiment ``name`` (empty if it does not exist)."""
     c = client(uri)
-    exp = _retry(lambda: c.get_experiment_by_name(name))
+    exp = _retry(lambda: c.get_experiment_by_name(name), patience_s)
     if exp is None:
         return {}
     out: dict[str, Any] = {}
     token = None
     while True:
-        page = _retry(lambda: c.search_runs([exp.experiment_id], max_results=1000, page_token=token, order_by=["attributes.start_time ASC"]))
+        page = _retry(lambda: c.search_runs([exp.experiment_id], max_results=1000, page_token=token, order_by=["attributes.start_time ASC"]), patience_s)
         for run in page:
             h = run.data.tags.get("cell_hash")
             if h:
@@ -152,9 +154,9 @@ def runs_by_hash(uri: str, name: str) -> dict[str, Any]:
             return out
 
 
-def finished_hashes(uri: str, name: str) -> set[str]:
+def finished_hashes(uri: str, name: str, patience_s: float = _PATIENCE_S) -> set[str]:
     """Cell hashes whose newest run in ``name`` FINISHED."""
-    return {h for h, run in runs_by_hash(uri, name).items() if run.info.status == "FINISHED"}
+    return {h for h, run in runs_by_hash(uri, name, patience_s).items() if run.info.status == "FINISHED"}
 
 
 SOURCE_DIR = Path(__file__).resolve().parent  # whose git state runs record
@@ -234,7 +236,6 @@ class MlflowTracker:
 
     def __init__(self, uri: str, run_id: str, flush_every_s: float | None = None,
                  max_outage_s: float | None = None) -> None:
-        _fail_fast_http()
         self.uri, self.run_id = uri, run_id
         self.flush_every_s = env_seconds(FLUSH_EVERY_ENV, FLUSH_EVERY_DEFAULT) if flush_every_s is None else flush_every_s
         self.max_outage_s = env_seconds(MAX_OUTAGE_ENV, MAX_OUTAGE_DEFAULT) if max_outage_s is None else max_outage_s
@@ -385,7 +386,6 @@ def start_run(uri: str, experiment: str, run_name: str, params: Mapping[str, Any
     """
     from mlflow.entities import Param, RunStatus, RunTag
 
-    _fail_fast_http()
     c, patience = client(uri), env_seconds(MAX_OUTAGE_ENV, MAX_OUTAGE_DEFAULT)
     if resume_run_id:
         _retry(lambda: c.update_run(resume_run_id, status=RunStatus.to_string(RunStatus.RUNNING)), patience)
@@ -408,7 +408,6 @@ def run_exists(uri: str, run_id: str) -> bool:
         TrackingUnavailable: the store stayed unreachable past ``$DEQBENCH_TRACKING_MAX_OUTAGE_S``
             (an unreachable store is not a missing run: that would start a second run).
     """
-    _fail_fast_http()
     try:
         _retry(lambda: client(uri).get_run(run_id), env_seconds(MAX_OUTAGE_ENV, MAX_OUTAGE_DEFAULT))
         return True

@@ -181,3 +181,19 @@ def test_sigkill_and_resume_log_every_epoch_exactly_once(tmp_path):
     done = subprocess.run([sys.executable, "-m", "jobs.cli", "status", "s.yaml", "--watch", "0.2", "--json"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and json.loads(done.stdout.strip().splitlines()[-1])["counts"] == {"FINISHED": 1}
+
+
+def test_status_goes_on_without_an_unreachable_store(tmp_path):
+    """During a tracking outage `deqbench status` still answers, from the cells' status.json (5 s patience)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: connections are refused
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "t_down", "base": str(TINY), "seeds": [0]}))
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "status", "s.yaml", "--tracking-uri",
+                          f"http://127.0.0.1:{port}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "1 cells: 1 not_started" in out.stdout, out.stdout + out.stderr
+    assert "unreachable" in out.stderr and "status.json only" in out.stderr
+    assert time.monotonic() - t0 < 120  # not MLflow's own minutes of retries per call
