@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# A real one-node Slurm cluster on this machine, for tests and demos.
+# A real one-node (or two-node) Slurm cluster on this machine, for tests and demos.
 #
-#   slurm/local_cluster.sh start [--accounting|--no-accounting]   install what is missing, configure, start, wait until idle
+#   slurm/local_cluster.sh start [--accounting|--no-accounting] [--nodes 1|2]   install what is missing, configure, start, wait until idle
 #   slurm/local_cluster.sh stop     stop slurmd, slurmctld, slurmdbd, MariaDB and munged (state is kept)
 #   slurm/local_cluster.sh status   print sinfo; exit 0 if the node answers, 1 otherwise
-#   slurm/local_cluster.sh restart [--accounting|--no-accounting]  stop, then start
+#   slurm/local_cluster.sh restart [--accounting|--no-accounting] [--nodes 1|2]  stop, then start
+#   slurm/local_cluster.sh kill-node NODE   fault injection: SIGKILL NODE's slurmd and its jobs' processes
 #
 # Debian's Slurm 22.05 (slurmctld slurmd slurm-client munge), run as root, no
 # systemd needed. The config is written to /etc/slurm/slurm.conf, where the
@@ -18,6 +19,15 @@
 # sacct works; on a running cluster it only restarts slurmctld (jobs keep
 # running). A plain `start` or `restart` keeps the mode the cluster has (off on
 # a fresh machine); `restart --no-accounting` turns accounting off.
+#
+# `--nodes 2` adds a second node, $NODE-2, served by a second slurmd on this
+# host: Debian's build has Slurm's multiple-slurmd mode (`scontrol show config`:
+# MULTIPLE_SLURMD = Yes), so both slurmds share 127.0.0.1 on their own ports
+# (6818, 6828) with per-node spool, pid and log files (%n); no network
+# namespaces. Partition `debug` stays the first node alone (so a test that kills
+# the second node never touches anyone else's jobs); partition `two` holds both.
+# SlurmdTimeout is 15 s there, so a dead node is noticed in seconds. A plain
+# `start` keeps the node count the cluster has; `--nodes 1` goes back to one.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,6 +41,9 @@ DB_PORT="${DEQBENCH_MARIADB_PORT:-3307}"
 DBD_CONF=/etc/slurm/slurmdbd.conf
 NODE="$(hostname -s)"
 READY_TIMEOUT_S="${DEQBENCH_SLURM_READY_TIMEOUT:-60}"
+NODES=keep        # 1, 2 (--nodes), keep: as the installed slurm.conf has it (1 if none)
+NODE2="$NODE-2"
+NODE2_PORT=6828   # the first slurmd keeps SlurmdPort 6818; 6819 is slurmdbd's
 
 log() { echo "[local_cluster] $*"; }
 die() { echo "[local_cluster] ERROR: $*" >&2; exit 1; }
@@ -182,6 +195,48 @@ stop_accounting() {
 }
 
 # --- slurm.conf ---------------------------------------------------------------
+slurmd_file_lines() {
+    if [[ $NODES == 2 ]]; then  # multiple-slurmd mode: %n is the node name
+        echo "SlurmdSpoolDir=$BASE/spool/%n"
+        echo "SlurmdPidFile=$BASE/run/slurmd-%n.pid"
+        echo "SlurmdLogFile=$BASE/log/slurmd-%n.log"
+    else
+        echo "SlurmdSpoolDir=$BASE/spool"
+        echo "SlurmdPidFile=$BASE/run/slurmd.pid"
+        echo "SlurmdLogFile=$BASE/log/slurmd.log"
+    fi
+}
+
+node_lines() {  # node_lines CPUS REAL_MEM
+    if [[ $NODES == 2 ]]; then
+        echo "# Two slurmds on this host (multiple-slurmd mode), each with all its CPUs and memory."
+        echo "NodeName=$NODE NodeHostname=$NODE NodeAddr=127.0.0.1 Port=6818 CPUs=$1 RealMemory=$2 State=UNKNOWN"
+        echo "NodeName=$NODE2 NodeHostname=$NODE NodeAddr=127.0.0.1 Port=$NODE2_PORT CPUs=$1 RealMemory=$2 State=UNKNOWN"
+        echo "PartitionName=debug Nodes=$NODE Default=YES MaxTime=7-00:00:00 State=UP"
+        echo "PartitionName=two Nodes=$NODE,$NODE2 MaxTime=7-00:00:00 State=UP"
+    else
+        echo "NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$1 RealMemory=$2 State=UNKNOWN"
+        echo "PartitionName=debug Nodes=$NODE Default=YES MaxTime=7-00:00:00 State=UP"
+    fi
+}
+
+HOSTS_TAG="# deqbench slurm/local_cluster.sh --nodes 2"
+second_node_name() {  # second_node_name add|remove: $NODE2 -> 127.0.0.1 in /etc/hosts
+    # Jobs reach a node by its name (DDP's MASTER_ADDR comes from `scontrol show hostnames`).
+    local kept
+    if [[ $1 == add ]]; then
+        getent hosts "$NODE2" >/dev/null || echo "127.0.0.1 $NODE2 $HOSTS_TAG" >>/etc/hosts
+    elif grep -qF "$HOSTS_TAG" /etc/hosts 2>/dev/null; then
+        kept="$(grep -vF "$HOSTS_TAG" /etc/hosts)"
+        printf '%s\n' "$kept" >/etc/hosts  # in place: /etc/hosts may be a bind mount
+    fi
+}
+
+conf_nodes() {  # node names in the installed slurm.conf
+    [[ -r $CONF ]] || return 0
+    sed -n 's/^NodeName=\([^ ]*\).*/\1/p' "$CONF"
+}
+
 write_conf() {
     local ncpu mem_total real_mem def_mem
     ncpu="$(nproc)"
@@ -189,6 +244,15 @@ write_conf() {
     real_mem=$(( mem_total * 95 / 100 ))     # a bit under the total, so slurmd never reports less
     def_mem=$(( real_mem / ncpu ))           # a job without --mem gets its CPUs' share, not the node
     mkdir -p "$BASE"/{state,spool,log,run,etc}
+    if [[ $NODES == 2 ]]; then
+        # The first node keeps the one-node spool dir (spool/NODE -> .): a running
+        # job's slurmstepd sockets stay where its slurmd looks across a switch of --nodes.
+        [[ -L $BASE/spool/$NODE ]] || { rm -rf "${BASE:?}/spool/$NODE"; ln -s . "$BASE/spool/$NODE"; }
+        mkdir -p "$BASE/spool/$NODE2"
+        second_node_name add
+    else
+        second_node_name remove
+    fi
     cat >"$BASE/etc/slurm.conf" <<EOF
 $MARKER
 # from $REPO; do not edit here, edit the script and run it again.
@@ -201,11 +265,9 @@ MpiDefault=none
 MailProg=/bin/true
 
 StateSaveLocation=$BASE/state
-SlurmdSpoolDir=$BASE/spool
+$(slurmd_file_lines)
 SlurmctldPidFile=$BASE/run/slurmctld.pid
-SlurmdPidFile=$BASE/run/slurmd.pid
 SlurmctldLogFile=$BASE/log/slurmctld.log
-SlurmdLogFile=$BASE/log/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
 
@@ -227,13 +289,12 @@ MinJobAge=3600
 
 ReturnToService=2
 SlurmctldTimeout=30
-SlurmdTimeout=60
+SlurmdTimeout=$([[ $NODES == 2 ]] && echo 15 || echo 60)
 InactiveLimit=0
 KillWait=5
 Waittime=0
 
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$ncpu RealMemory=$real_mem State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=7-00:00:00 State=UP
+$(node_lines "$ncpu" "$real_mem")
 EOF
     mkdir -p /etc/slurm
     if [[ -e $CONF ]] && ! grep -qF "$MARKER" "$CONF"; then
@@ -256,47 +317,83 @@ pid_alive() {  # pid_alive PIDFILE NAME
         && ! grep -q '^State:.*zombie' /proc/"$pid"/status 2>/dev/null  # killed, not yet reaped
 }
 
-node_state() { sinfo -h -n "$NODE" -o %t 2>/dev/null | head -n1; }
+node_state() { sinfo -h -n "${1:-$NODE}" -o %t 2>/dev/null | head -n1; }
 
-slurmd_start_epoch() {  # when the registered slurmd started, per slurmctld (0 if unknown)
+slurmd_pidfile() {  # slurmd_pidfile NODE: its pid file (%n: multiple-slurmd mode)
+    local pf
+    pf="$(conf_value SlurmdPidFile)"
+    echo "${pf//%n/$1}"
+}
+
+slurmd_start_epoch() {  # slurmd_start_epoch NODE: when its registered slurmd started, per slurmctld (0 if unknown)
     local t
-    t="$(scontrol show node -o "$NODE" 2>/dev/null | grep -o 'SlurmdStartTime=[^ ]*' | cut -d= -f2)"
+    t="$(scontrol show node -o "${1:-$NODE}" 2>/dev/null | grep -o 'SlurmdStartTime=[^ ]*' | cut -d= -f2)"
     date -d "$t" +%s 2>/dev/null || echo 0
 }
 
 healthy() {
-    pid_alive "$(conf_value SlurmctldPidFile)" slurmctld \
-        && pid_alive "$(conf_value SlurmdPidFile)" slurmd \
-        && [[ "$(node_state)" =~ ^(idle|mix|alloc|comp)$ ]]
+    local n
+    [[ -n $(conf_nodes) ]] && pid_alive "$(conf_value SlurmctldPidFile)" slurmctld || return 1
+    for n in $(conf_nodes); do
+        pid_alive "$(slurmd_pidfile "$n")" slurmd && [[ "$(node_state "$n")" =~ ^(idle|mix|alloc|comp)$ ]] || return 1
+    done
 }
 
-wait_ready() {  # wait_ready EPOCH: until the slurmd started at EPOCH registered and the node is usable
-    local since=$1 t0=$SECONDS state=""
+wait_ready() {  # wait_ready EPOCH: until every node's slurmd registered (started at EPOCH or later) and is usable
+    local since=$1 t0=$SECONDS state="" n waiting
     while (( SECONDS - t0 < READY_TIMEOUT_S )); do
-        state="$(node_state)"
-        case "$state" in
-            # slurmctld restores the last node state from disk: "idle" alone does
-            # not prove the new slurmd registered, its start time does.
-            idle|mix|alloc|comp) (( $(slurmd_start_epoch) >= since )) && return 0 ;;
-            drain*|down*|fail*)
-                # A node drained/downed by an earlier run: bring it back.
-                scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true ;;
-        esac
+        waiting=""
+        for n in $(conf_nodes); do
+            state="$(node_state "$n")"
+            case "$state" in
+                # slurmctld restores the last node state from disk: "idle" alone does
+                # not prove the new slurmd registered, its start time does.
+                idle|mix|alloc|comp) (( $(slurmd_start_epoch "$n") >= since )) || waiting=$n ;;
+                drain*|down*|fail*)
+                    # A node drained/downed by an earlier run: bring it back.
+                    waiting=$n
+                    scontrol update NodeName="$n" State=RESUME >/dev/null 2>&1 || true ;;
+                *) waiting=$n ;;
+            esac
+            [[ -n $waiting ]] && break
+        done
+        [[ -z $waiting ]] && return 0
         sleep 0.5
     done
     sinfo -N -l >&2 || true
-    die "node $NODE not idle after ${READY_TIMEOUT_S}s (state '${state}'); logs: $BASE/log/"
+    die "node $waiting not idle after ${READY_TIMEOUT_S}s (state '${state}'); logs: $BASE/log/"
+}
+
+start_slurmd() {  # start_slurmd NODE
+    slurmd -f "$CONF" -N "$1" || die "slurmd for $1 failed; see $BASE/log/"
 }
 
 start() {
-    if command -v sinfo >/dev/null && healthy; then
+    local have_nodes n launched
+    have_nodes="$(conf_nodes | wc -l)"
+    if [[ $NODES == keep ]]; then  # like accounting: a plain start keeps the node count
+        NODES=1
+        [[ $have_nodes == 2 ]] && grep -qF "$MARKER" "$CONF" && NODES=2
+    fi
+    if command -v sinfo >/dev/null && [[ $have_nodes == "$NODES" ]] && healthy; then
         [[ $ACCOUNTING == 1 ]] && ensure_accounting
         log "already running (config $CONF, accounting $(accounting_state))"
         sinfo
         return 0
     fi
     need_root
-    if command -v sinfo >/dev/null && pid_alive "$(conf_value SlurmctldPidFile)" slurmctld \
+    if [[ $NODES == 2 && $have_nodes == 2 ]] && pid_alive "$(conf_value SlurmctldPidFile)" slurmctld; then
+        # A node whose slurmd died (kill-node): start it again; ReturnToService=2 brings the node back.
+        for n in $(conf_nodes); do
+            pid_alive "$(slurmd_pidfile "$n")" slurmd || { log "starting slurmd for $n"; start_slurmd "$n"; }
+        done
+        wait_ready 0
+        [[ $ACCOUNTING == 1 ]] && ensure_accounting
+        log "ready (config $CONF, accounting $(accounting_state))"
+        sinfo
+        return 0
+    fi
+    if command -v sinfo >/dev/null && [[ $have_nodes == "$NODES" ]] && pid_alive "$(conf_value SlurmctldPidFile)" slurmctld \
             && pid_alive "$(conf_value SlurmdPidFile)" slurmd; then
         # Both daemons up but the node is not usable (drained, down): resume it.
         log "daemons running, node '$(node_state)'; resuming it"
@@ -319,15 +416,18 @@ start() {
     write_conf
     [[ $ACCOUNTING == 1 ]] && register_cluster
     : >"$BASE/log/slurmctld.log"
-    : >"$BASE/log/slurmd.log"
-    local launched
     launched="$(date +%s)"
     slurmctld -f "$CONF" || die "slurmctld failed; see $BASE/log/slurmctld.log"
-    slurmd -f "$CONF" -N "$NODE" || die "slurmd failed; see $BASE/log/slurmd.log"
+    for n in $(conf_nodes); do
+        : >"$(slurmd_log "$n")"
+        start_slurmd "$n"
+    done
     wait_ready "$launched"
-    log "ready in $(( SECONDS - t0 )) s: partition debug, node $NODE, config $CONF, accounting $(accounting_state)"
+    log "ready in $(( SECONDS - t0 )) s: partition debug, node(s) $(conf_nodes | paste -sd,), config $CONF, accounting $(accounting_state)"
     sinfo
 }
+
+slurmd_log() { local f; f="$(conf_value SlurmdLogFile)"; echo "${f//%n/$1}"; }
 
 accounting_state() {
     if conf_has_accounting && dbd_ok; then echo "on (sacct works)"; else echo "off"; fi
@@ -372,7 +472,8 @@ kill_orphans() {  # kill_orphans NAME: daemons on our config whose pid file is g
 
 stop_slurm_daemons() {
     [[ -r $CONF ]] || return 0
-    kill_pidfile "$(conf_value SlurmdPidFile)" slurmd
+    local n
+    for n in $(conf_nodes); do kill_pidfile "$(slurmd_pidfile "$n")" slurmd; done
     kill_pidfile "$(conf_value SlurmctldPidFile)" slurmctld
     kill_orphans slurmd
     kill_orphans slurmctld
@@ -383,6 +484,7 @@ stop() {
     stop_slurm_daemons
     stop_accounting
     kill_pidfile /run/munge/munged.pid munged
+    second_node_name remove
     log "stopped; queued jobs and node state are kept for the next start"
 }
 
@@ -398,19 +500,48 @@ status() {
     fi
     sinfo 2>&1 || true
     log "not healthy: slurmctld $(pid_alive "$(conf_value SlurmctldPidFile)" slurmctld && echo up || echo down)," \
-        "slurmd $(pid_alive "$(conf_value SlurmdPidFile)" slurmd && echo up || echo down), node '$(node_state)'; run: slurm/local_cluster.sh start"
+        "slurmd $(for n in $(conf_nodes); do printf '%s:%s ' "$n" "$(pid_alive "$(slurmd_pidfile "$n")" slurmd && echo up || echo down)"; done)," \
+        "node(s) '$(sinfo -h -N -o '%N=%t' 2>/dev/null | sort -u | paste -sd' ')'; run: slurm/local_cluster.sh start"
     return 1
 }
 
-usage() { echo "usage: $0 start|restart [--accounting|--no-accounting] | stop | status" >&2; exit 2; }
+kill_node() {  # kill_node NODE: the node dies: SIGKILL to its slurmd, its slurmstepds and its jobs' processes
+    local node=$1 jobs pids=() p j env
+    need_root
+    conf_nodes | grep -qx -- "$node" || die "no node '$node' in $CONF (nodes: $(conf_nodes | paste -sd' '))"
+    [[ $(conf_nodes | wc -l) -gt 1 ]] || die "kill-node needs a second node to survive: start --nodes 2"
+    jobs="$(squeue -h -w "$node" -t running,completing -o %A 2>/dev/null | sort -u)"
+    for j in $jobs; do pids+=($(pgrep -f "^slurmstepd: \[$j\." || true)); done
+    for p in /proc/[0-9]*; do  # the jobs' processes: Slurm put the node's name in their environment
+        env="$(tr '\0' '\n' <"$p/environ" 2>/dev/null)" || continue
+        grep -qx "SLURMD_NODENAME=$node" <<<"$env" && pids+=("${p#/proc/}")
+    done
+    pid_alive "$(slurmd_pidfile "$node")" slurmd && pids+=("$(cat "$(slurmd_pidfile "$node")")")
+    [[ ${#pids[@]} -gt 0 ]] && kill -KILL "${pids[@]}" 2>/dev/null || true
+    log "killed node $node: slurmd and ${#pids[@]} process(es) of job(s) $(echo $jobs | tr ' ' ,) (SIGKILL)"
+}
 
-case "${2:-}" in
-    --accounting) ACCOUNTING=1 ;;
-    --no-accounting) ACCOUNTING=0 ;;
-    "") ;;
-    *) usage ;;
-esac
-case "${1:-}" in
+usage() { echo "usage: $0 start|restart [--accounting|--no-accounting] [--nodes 1|2] | stop | status | kill-node NODE" >&2; exit 2; }
+
+CMD="${1:-}"
+shift || true
+if [[ $CMD == kill-node ]]; then
+    [[ $# -eq 1 ]] || usage
+    kill_node "$1"
+    exit 0
+fi
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --accounting) ACCOUNTING=1 ;;
+        --no-accounting) ACCOUNTING=0 ;;
+        --nodes)
+            [[ ${2:-} =~ ^[12]$ ]] || die "--nodes takes 1 or 2, got '${2:-}'"
+            NODES=$2; shift ;;
+        *) usage ;;
+    esac
+    shift
+done
+case "$CMD" in
     start) start ;;
     stop) stop ;;
     status) status ;;
