@@ -52,8 +52,8 @@ def test_progress_reports_epoch_loss_psnr_and_eta():
     assert inner.history["loss"] == [(3, 0.5), (4, 0.25)]  # everything reaches the run's tracker
     last = reports[-1]
     assert (last["epoch"], last["total"], last["loss"], last["psnr"]) == (5, 10, 0.25, 21.5)
-    # 2 epochs in about 0.1 s of wall time: 5 epochs left take about 0.25 s
-    assert 0.1 < last["eta_s"] < 1.0, last
+    # 2 epochs in about 0.1 s of wall time (more on a loaded machine): 5 epochs left take about 0.25 s
+    assert 0.1 < last["eta_s"] < 10.0, last
     prog.log_metrics({"psnr": 22.0, "ssim": 0.5}, step=10)  # the final metrics: no epoch, the PSNR is news
     assert prog.state["psnr"] == 22.0 and prog.state["epoch"] == 5
 
