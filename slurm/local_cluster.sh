@@ -331,10 +331,11 @@ slurmd_start_epoch() {  # slurmd_start_epoch NODE: when its registered slurmd st
     date -d "$t" +%s 2>/dev/null || echo 0
 }
 
-healthy() {
-    local n
-    [[ -n $(conf_nodes) ]] && pid_alive "$(conf_value SlurmctldPidFile)" slurmctld || return 1
-    for n in $(conf_nodes); do
+healthy() {  # healthy [NODE...]: slurmctld and these nodes (default: all) answer
+    local n nodes=("$@")
+    [[ ${#nodes[@]} -gt 0 ]] || nodes=($(conf_nodes))
+    [[ ${#nodes[@]} -gt 0 ]] && pid_alive "$(conf_value SlurmctldPidFile)" slurmctld || return 1
+    for n in "${nodes[@]}"; do
         pid_alive "$(slurmd_pidfile "$n")" slurmd && [[ "$(node_state "$n")" =~ ^(idle|mix|alloc|comp)$ ]] || return 1
     done
 }
@@ -369,15 +370,20 @@ start_slurmd() {  # start_slurmd NODE
 }
 
 start() {
-    local have_nodes n launched
+    local have_nodes n launched must=()
     have_nodes="$(conf_nodes | wc -l)"
     if [[ $NODES == keep ]]; then  # like accounting: a plain start keeps the node count
         NODES=1
         [[ $have_nodes == 2 ]] && grep -qF "$MARKER" "$CONF" && NODES=2
+        # ... and only needs the first node (partition debug): a second node that
+        # kill-node took down stays down until `start --nodes 2`, so a test's plain
+        # start never revives a node another test is killing.
+        must=("$NODE")
     fi
-    if command -v sinfo >/dev/null && [[ $have_nodes == "$NODES" ]] && healthy; then
+    if command -v sinfo >/dev/null && [[ $have_nodes == "$NODES" ]] && healthy "${must[@]}"; then
         [[ $ACCOUNTING == 1 ]] && ensure_accounting
         log "already running (config $CONF, accounting $(accounting_state))"
+        healthy || log "node(s) down: $(sinfo -h -N -t down,drain,fail,unk -o %N | sort -u | paste -sd' '); start --nodes 2 brings them back"
         sinfo
         return 0
     fi
