@@ -519,10 +519,14 @@ def _squeue_details(ids: List[str]) -> Tuple[Dict[str, JobState], set]:
 def job_details(job_ids: Iterable["str | int"], use_sacct: Optional[bool] = None) -> Dict[str, JobState]:
     """What Slurm says of each job: state, exit code, signal and reason.
 
-    ``sacct`` when accounting works (it remembers jobs for good), with
-    ``squeue`` for the ids it does not know yet (a job reaches the accounting
-    database a moment after its submission); ``squeue``/``scontrol`` alone
-    otherwise (they forget a job ``MinJobAge`` after it ended).
+    With accounting, ``sacct`` is the record: it remembers a job's end, exit
+    code and reason for good. It learns of each change a moment after the
+    controller, so ``squeue`` is asked too about what it cannot settle -- an id
+    it does not know yet, a job or array id (an array's tasks reach the
+    database one by one), a task it has not seen end -- and the controller's
+    newer word wins. Without
+    accounting ``squeue``/``scontrol`` alone answer; they forget a job
+    ``MinJobAge`` after it ended.
 
     Args:
         job_ids: as :func:`job_states`.
@@ -539,12 +543,25 @@ def job_details(job_ids: Iterable["str | int"], use_sacct: Optional[bool] = None
     ids = _check_ids(job_ids)
     if not ids:
         return {}
-    found, covered = _sacct_details(ids) if (accounting_enabled() if use_sacct is None else use_sacct) else ({}, set())
-    missing = [j for j in ids if j not in covered]
-    if missing:
-        more, more_covered = _squeue_details(missing)
-        found.update({k: v for k, v in more.items() if k not in found})
-        covered |= more_covered
+    sacct = accounting_enabled() if use_sacct is None else use_sacct
+    found, covered = _sacct_details(ids) if sacct else ({}, set())
+    unsettled = [j for j in ids if "_" not in j or j not in covered  # a job id may be an array's
+                 or found.get(j, JobState(UNKNOWN_STATE)).state not in TERMINAL_STATES]
+    if unsettled:
+        live, live_covered = _squeue_details(unsettled)
+        for k, js in live.items():
+            if k not in found or found[k].state not in TERMINAL_STATES:
+                found[k] = js
+        covered |= live_covered
+        for j in set(unsettled) & set(found):  # the database's record of an array not yet split into tasks
+            if any(k.startswith(f"{j}_") for k in found):
+                del found[j]
+    tasks = [j for j in ids if j not in covered and "_" in j]
+    if tasks:  # tasks of an array that never started are listed under the array's id
+        arrays = sorted({j.split("_")[0] for j in tasks})
+        more = {**_squeue_details(arrays)[0], **(_sacct_details(arrays)[0] if sacct else {})}
+        found.update({j: more[j] for j in tasks if j in more})
+        covered |= set(found) & set(tasks)
     for j in ids:
         if j not in covered:
             found[j] = JobState(UNKNOWN_STATE)

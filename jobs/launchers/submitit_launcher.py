@@ -216,11 +216,11 @@ def wait(submitted: list[tuple[Cell, Any]], poll_s: tuple[float, float] = (10.0,
     from jobs.slurm_env import TERMINAL_STATES, UNKNOWN_STATE, JobState, job_details
 
     ids = {str(job.job_id) for _, job in submitted}
-    arrays = sorted({i.split("_")[0] for i in ids})
     final: dict[str, JobState] = {}
     start, last, interval = time.time(), None, poll_s[0]
     while len(final) < len(ids):
-        details = job_details(arrays)
+        # Each task by its own id: the accounting database may list an array's tasks a moment late.
+        details = job_details(sorted(ids - set(final)))
         for i in ids - set(final):
             js = details.get(i, JobState(UNKNOWN_STATE))
             if js.state in TERMINAL_STATES or (js.state == UNKNOWN_STATE and time.time() - start > 30):

@@ -69,3 +69,23 @@ def test_cancel_scancels_the_array_and_a_rerun_resumes_it(slurm_cluster, tmp_pat
             assert r.info.run_id == before[r.data.tags["cell_hash"]]
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
         assert sorted(steps) == list(range(EPOCHS + CRR_EPOCHS))
+
+
+def test_cancel_of_pending_array_tasks(slurm_cluster, tmp_path):
+    """Held jobs (begin in an hour): scancel-ed, and their cells KILLED/CANCELLED though they never ran."""
+    cfg = {**yaml.safe_load(LOCAL.read_text()), "slurm_additional_parameters": {"begin": "now+1hour"}}
+    (tmp_path / "later.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "t_cancel_pending", "base": str(TINY), "seeds": [0, 1]}))
+    out = deqbench("sweep", "s.yaml", "--launcher", "submitit", "--launcher-config", "later.yaml", "--no-wait",
+                   cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    jobs = sorted(json.loads(p.read_text())["job_id"] for p in tmp_path.glob("runs/*/*/submitted.json"))
+    try:
+        assert set(job_states(jobs).values()) == {"PENDING"}
+        cancel = deqbench("cancel", "s.yaml", cwd=tmp_path)
+    finally:
+        subprocess.run(["scancel", *jobs], check=False)
+    assert cancel.returncode == 0 and f"scancel of Slurm job(s) {', '.join(jobs)}" in cancel.stdout, cancel.stdout
+    assert set(job_states(jobs).values()) == {"CANCELLED"}
+    statuses = [json.loads(p.read_text()) for p in tmp_path.glob("runs/t_cancel_pending/*/status.json")]
+    assert [(s["state"], s["reason"]) for s in statuses] == [("KILLED", "CANCELLED")] * 2
