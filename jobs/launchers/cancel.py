@@ -121,12 +121,21 @@ def cancel_cells(cells: list[Cell], wait_s: float = 60.0) -> tuple[list[str], li
     deadline = time.monotonic() + wait_s
     while not _stopped(pids, slurm, active) and time.monotonic() < deadline:
         time.sleep(0.5)
+    killed = []
     for c in active:
         st = read_status(c.workdir)
-        if st.get("state") in ("FINISHED", "FAILED") and st.get("updated", 0) > 0:
-            continue  # ended on its own meanwhile
+        if st.get("state") == "FINISHED" or (st.get("state") == "FAILED" and st.get("updated", 0) > _launched(c, launcher)):
+            continue  # this attempt ended on its own
         record_end(c, "KILLED", CANCELLED, "cancelled by `deqbench cancel`; running the sweep again resumes it")
-    return actions, active
+        killed.append(c)
+    return actions, killed
+
+
+def _launched(cell: Cell, launcher: dict[str, Any] | None) -> float:
+    """When the cell's current attempt was submitted or its launcher started (0 when unknown)."""
+    from jobs.launchers.submitit_launcher import read_submitted
+
+    return float(read_submitted(cell.workdir).get("submitted") or (launcher or {}).get("started") or 0)
 
 
 def cancel_command(sweep: str | Path, runs_dir: str | Path | None, uri: str, wait_s: float = 60.0) -> str:
