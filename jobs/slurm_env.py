@@ -550,7 +550,7 @@ def job_details(job_ids: Iterable["str | int"], use_sacct: Optional[bool] = None
     if unsettled:
         live, live_covered = _squeue_details(unsettled)
         for k, js in live.items():
-            if k not in found or found[k].state not in TERMINAL_STATES:
+            if k not in found or (found[k].state not in TERMINAL_STATES and found[k].state != js.state):
                 found[k] = js
         covered |= live_covered
         for j in set(unsettled) & set(found):  # the database's record of an array not yet split into tasks
