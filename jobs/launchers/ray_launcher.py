@@ -238,7 +238,9 @@ def _marking_asha() -> type:
 def _scheduler(config: Mapping[str, Any], cells: list[Cell]) -> Any:
     if (config.get("scheduler") or "fifo") != "asha":
         return None
-    epochs = max(int(c.config["train"]["epochs"]) + int(c.config.get("crr", {}).get("epochs", 0)) for c in cells)
+    from jobs.progress import total_epochs
+
+    epochs = max(total_epochs(c.config) for c in cells)
     return _marking_asha()(time_attr="training_iteration", metric=config.get("metric") or "loss",
                          mode=config.get("mode") or "min", max_t=config.get("asha_max_t") or epochs + 2,
                          grace_period=config.get("asha_grace_period") or 1,
