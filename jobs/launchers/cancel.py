@@ -97,19 +97,19 @@ def cancel_cells(cells: list[Cell], wait_s: float = 60.0) -> tuple[list[str], li
         ``(what was signalled, one line each; the cells recorded KILLED)``.
     """
     actions: list[str] = []
-    sweep_dir = Path(cells[0].workdir).parent
     slurm = _slurm_jobs(cells)
+    launcher = _launcher_process(Path(cells[0].workdir).parent)
+    # Which cells run or wait, read before any signal: a stopped cell soon says KILLED itself.
+    active = [c for c in cells if c.workdir in slurm or read_status(c.workdir).get("state") in _ACTIVE
+              or (launcher is not None and read_status(c.workdir).get("state") not in TERMINAL)]
     if slurm:
         from jobs.slurm_env import cancel_jobs
 
         cancel_jobs(sorted(set(slurm.values())))
         actions.append(f"scancel of Slurm job(s) {', '.join(sorted(set(slurm.values())))}")
-    launcher = _launcher_process(sweep_dir)
     if launcher is not None:
         os.kill(int(launcher["pid"]), signal.SIGINT)
         actions.append(f"SIGINT to the {launcher.get('launcher', '?')} launcher (pid {launcher['pid']})")
-    active = [c for c in cells if c.workdir in slurm or read_status(c.workdir).get("state") in _ACTIVE
-              or (launcher is not None and read_status(c.workdir).get("state") not in TERMINAL)]
     pids = [int(launcher["pid"])] if launcher is not None else []
     for c in active:
         st = read_status(c.workdir)
