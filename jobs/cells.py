@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -164,3 +165,35 @@ def single_cell(path: str | Path, overrides: Iterable[str] = (), runs_dir: str |
     cfg = load_config(path, overrides)
     h = config_hash(cfg)
     return Cell(to_dict(cfg), h, cfg.name, str(runs_root(runs_dir) / cfg.name / h), tracking_uri, f"seed={cfg.seed}")
+
+
+def write_status(workdir: str | Path, **fields: Any) -> None:
+    """Merges ``fields`` into ``status.json`` atomically.
+
+    Raises:
+        OSError: ``cannot write PATH: No space left on device`` (or read-only, ...), one line.
+    """
+    path = Path(workdir) / "status.json"
+    current = read_status(workdir)
+    current.update(fields, updated=time.time())
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps(current, indent=2, default=str))
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            tmp.unlink(missing_ok=True)  # a partial file would hold the little space that is left
+        except OSError:
+            pass
+        from suite.training.checkpoint import cannot_write  # torch: only on this error path
+
+        raise OSError(cannot_write(path, err)) from None
+
+
+def read_status(workdir: str | Path) -> dict[str, Any]:
+    """Contents of ``status.json`` (empty when the cell never started)."""
+    path = Path(workdir) / "status.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

@@ -196,13 +196,25 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: reads the installed version (importlib.metadata) only when asked, not on every start."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the program's version number and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"deqbench {_version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``deqbench`` argument parser."""
     from analysis.table import BOLD_CHOICES, FORMATS  # choices come from the registries (light imports)
     from jobs.launchers import LAUNCHERS
 
     p = argparse.ArgumentParser(prog="deqbench", description="Benchmark Deep Equilibrium models in imaging.")
-    p.add_argument("--version", action="version", version=f"deqbench {_version()}")
+    p.add_argument("--version", action=_VersionAction)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("run", help="run one experiment in this process")

@@ -43,7 +43,7 @@ from typing import Any, Callable
 
 import yaml
 
-from jobs.cells import Cell
+from jobs.cells import Cell, read_status, write_status  # noqa: F401 (re-exported: status.json lives with the cell)
 from suite.training.checkpoint import Checkpointer, cannot_write
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
@@ -121,36 +121,6 @@ class NodeCheckpointer(Checkpointer):
             name = signal.Signals(_STOP["signum"]).name if _STOP["signum"] else "a stop request"
             raise StopRequested(f"stopped by {name} after saving checkpoint {step}")
         return path
-
-
-def write_status(workdir: str | Path, **fields: Any) -> None:
-    """Merges ``fields`` into ``status.json`` atomically.
-
-    Raises:
-        OSError: ``cannot write PATH: No space left on device`` (or read-only, ...), one line.
-    """
-    path = Path(workdir) / "status.json"
-    current = read_status(workdir)
-    current.update(fields, updated=time.time())
-    tmp = path.with_suffix(".tmp")
-    try:
-        tmp.write_text(json.dumps(current, indent=2, default=str))
-        os.replace(tmp, path)
-    except OSError as err:
-        try:
-            tmp.unlink(missing_ok=True)  # a partial file would hold the little space that is left
-        except OSError:
-            pass
-        raise OSError(cannot_write(path, err)) from None
-
-
-def read_status(workdir: str | Path) -> dict[str, Any]:
-    """Contents of ``status.json`` (empty when the cell never started)."""
-    path = Path(workdir) / "status.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def _raise_interrupt(signum: int, _frame: Any) -> None:

@@ -35,8 +35,8 @@ def cell_states(sweep: str | Path, runs_dir: str | Path | None, uri: str) -> tup
     from jobs import tracking
 
     name, cells = expand_sweep(sweep, runs_dir=runs_dir, tracking_uri=uri)
-    # The store can only turn a cell FINISHED: when every cell's status.json says it ended and none went
-    # to Slurm (whose status.json may be stale), it adds nothing, and mlflow (seconds to import) stays out.
+    # Every cell's status.json says it ended, none went to Slurm (whose status.json may be stale): the store
+    # adds nothing (a node job and a launcher record an end in both), and mlflow (seconds to import) stays out.
     ended = all(read_status(c.workdir).get("state") in ("FINISHED", "FAILED", "KILLED")
                 and not (Path(c.workdir) / "submitted.json").exists() for c in cells)
     try:
