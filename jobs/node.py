@@ -44,7 +44,7 @@ from typing import Any, Callable
 import yaml
 
 from jobs.cells import Cell, read_status, write_status  # noqa: F401 (re-exported: status.json lives with the cell)
-from suite.training.checkpoint import Checkpointer, cannot_write
+from suite.training.checkpoint import Checkpointer
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 

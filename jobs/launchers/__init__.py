@@ -37,7 +37,8 @@ class LocalLauncher:
     def dry_run(self, cells: list[Cell], args: argparse.Namespace) -> None:
         from jobs.launchers.local import plan
 
-        print("local launcher: each cell runs `python -m jobs.node <workdir>/cell.json`")
+        print("local launcher: each cell runs `python -m jobs.node <workdir>/cell.json` in a process of its own, "
+              "forked from a server that has imported torch and mlflow (a DDP cell: under torchrun)")
         print(plan(cells, getattr(args, "workers", None))[3])
 
 

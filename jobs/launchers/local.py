@@ -1,9 +1,18 @@
-"""Local launcher: each cell is a ``python -m jobs.node`` process, ``workers`` at a time.
+"""Local launcher: each cell is a process of its own running the node job, ``workers`` at a time.
 
 A separate process per cell isolates crashes (a segfault or OOM kill marks that
 cell FAILED; the others go on), gives each cell its own peak-memory reading, and
-is exactly what a Slurm task runs. Torch threads are split between workers,
-and a DDP cell's share between its ranks.
+runs exactly what a Slurm task runs (:func:`jobs.node.main`). Torch threads are
+split between workers, and a DDP cell's share between its ranks.
+
+Warm start (:func:`fork_context`): a fresh interpreter spends seconds importing
+torch, mlflow and ``torch._dynamo`` before a cell does any work, so a sweep
+starts one fork server (``multiprocessing`` forkserver) that imports them once
+(:mod:`jobs.launchers.warm`) and forks one child per cell. The child puts itself
+in its own session, takes the cell's environment (threads, GPUs), writes to the
+cell's ``log.txt`` and is titled ``python -m jobs.node <cell.json>`` (so ``ps`` and
+``deqbench cancel`` see it as a node job). A DDP cell runs under ``torchrun`` in a
+fresh interpreter (one process per rank), as before.
 
 GPUs (:mod:`jobs.launchers.gpus`): the devices of this machine are found from
 ``CUDA_VISIBLE_DEVICES``, else torch. A cell that trains on GPUs (``train.device``
@@ -23,6 +32,7 @@ reporting is FAILED with its exit code or signal as the reason.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -39,6 +49,7 @@ from jobs.node import read_status, record_end, write_status
 from suite.training.checkpoint import cannot_write
 
 Command = Callable[[Cell, Path], list[str]]
+_FORK: Any = None  # the fork server's multiprocessing context, made on first use
 
 
 def node_command(cell: Cell, path: Path) -> list[str]:
@@ -47,6 +58,54 @@ def node_command(cell: Cell, path: Path) -> list[str]:
     if cell.world_size > 1:  # DDP on this machine: one process per rank (gloo on CPU), see jobs.distributed
         cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cell.world_size}", "-m"]
     return cmd
+
+
+def fork_context() -> Any:
+    """The ``forkserver`` context whose server imports :mod:`jobs.launchers.warm` before its first fork.
+
+    One server per launcher process, started by the first cell (its imports take
+    as long as a fresh interpreter's, once); it ends with the launcher.
+    """
+    global _FORK
+    if _FORK is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["jobs.launchers.warm"])
+        _FORK = ctx
+    return _FORK
+
+
+def _forked_node(path: str, env: dict[str, str], log: str, cwd: str) -> None:
+    """A cell's process, forked from the warm server: ``python -m jobs.node PATH`` without the imports."""
+    os.setsid()  # its own session, as start_new_session: no Ctrl-C from the terminal, killpg reaches it
+    from setproctitle import setproctitle
+
+    setproctitle(f"{sys.executable} -m jobs.node {path}")  # what ps and deqbench cancel look for
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)  # CUDA_VISIBLE_DEVICES before CUDA starts: the server never touched it
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)  # PYTHONUNBUFFERED is read at start-up only
+    from jobs.node import main
+
+    sys.exit(main([path]))
+
+
+class _Forked:
+    """A cell process from the fork server, with the ``pid`` and ``wait()`` of a ``subprocess.Popen``."""
+
+    def __init__(self, path: Path, env: dict[str, str], log: Path) -> None:
+        self._proc = fork_context().Process(target=_forked_node, args=(str(path), env, str(log), os.getcwd()),
+                                            name=f"deqbench-cell-{path.parent.name}")
+        self._proc.start()
+        self.pid = self._proc.pid
+
+    def wait(self) -> int:
+        self._proc.join()
+        return self._proc.exitcode
 
 
 def _outcome(cell: Cell, status: dict[str, Any]) -> dict[str, Any]:
@@ -97,19 +156,27 @@ class Stopper:
                 self._kill(proc, sig)
 
     @staticmethod
-    def _kill(proc: subprocess.Popen, sig: int) -> None:
+    def _kill(proc: Any, sig: int) -> None:
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
-            pass
+            try:  # a forked cell that has not called setsid yet: it has no children either
+                os.kill(proc.pid, sig)
+            except ProcessLookupError:
+                pass
 
-    def run(self, cmd: list[str], **kwargs: Any) -> int | None:
-        """Runs ``cmd`` in its own session until it ends; its return code, None if the sweep was stopped before."""
+    def run(self, cmd: list[str] | None = None, start: Callable[[], Any] | None = None, **kwargs: Any) -> int | None:
+        """Runs ``cmd`` in its own session (or ``start()``: a process with ``pid``, ``wait()``, in its own
+        session) until it ends; its return code, None if the sweep was stopped before."""
         with self._lock:
             if self.stopping:
                 return None
-            proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+        proc = start() if start is not None else subprocess.Popen(cmd, start_new_session=True, **kwargs)
+        with self._lock:  # not held while starting: the first fork waits for the server's imports
             self._procs.add(proc)
+            missed = self.stopping  # stopped while it was starting: the handler did not see it
+        if missed:
+            self._kill(proc, signal.SIGTERM if self.signals == 1 else signal.SIGKILL)
         try:
             return proc.wait()
         finally:
@@ -139,7 +206,7 @@ def _exit_reason(code: int) -> str:
 
 
 def _run_one(cell: Cell, threads: int, pool: DevicePool | None = None, hide_gpus: bool = False,
-             command: Command = node_command, stopper: Stopper | None = None) -> dict[str, Any]:
+             command: Command | None = None, stopper: Stopper | None = None) -> dict[str, Any]:
     """Runs one cell's process and returns its outcome.
 
     Args:
@@ -147,7 +214,8 @@ def _run_one(cell: Cell, threads: int, pool: DevicePool | None = None, hide_gpus
         threads: torch/OpenMP threads per rank.
         pool: GPUs to take ``cell.world_size`` of (waiting until they are free); None: a CPU cell.
         hide_gpus: a CPU cell on a machine with GPUs: its process sees none.
-        command: builds the command line (default :func:`node_command`).
+        command: builds the command line; None: a child of the warm fork server, or for a DDP
+            cell :func:`node_command` (torchrun).
         stopper: the sweep's stop switch (a stopped sweep starts no more cells; they end KILLED).
     """
     stopper = stopper or Stopper()
@@ -168,8 +236,12 @@ def _run_one(cell: Cell, threads: int, pool: DevicePool | None = None, hide_gpus
     elif hide_gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     try:
-        with open(Path(cell.workdir) / "log.txt", "ab") as log:
-            code = stopper.run(command(cell, path), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+        if command is None and cell.world_size == 1:
+            code = stopper.run(start=lambda: _Forked(path, env, Path(cell.workdir) / "log.txt"))
+        else:
+            with open(Path(cell.workdir) / "log.txt", "ab") as log:
+                code = stopper.run((command or node_command)(cell, path), stdout=log, stderr=subprocess.STDOUT,
+                                   env=env, cwd=os.getcwd())
     finally:
         if pool is not None:
             pool.release(devices)
@@ -232,7 +304,8 @@ def submit(cells: list[Cell], workers: int | None = None, progress: bool = True,
             scale better across processes than across threads).
         progress: show a tqdm progress bar on stderr.
         command: builds a cell's command line from the cell and its saved
-            ``cell.json`` (default :func:`node_command`; tests run a stand-in).
+            ``cell.json``, run in a fresh process (tests run a stand-in); default
+            None: a child of the warm fork server (a DDP cell: :func:`node_command`).
 
     Returns:
         One outcome dict per cell (``state`` FINISHED/FAILED/KILLED, ``error``, ``results``).
@@ -250,7 +323,7 @@ def submit(cells: list[Cell], workers: int | None = None, progress: bool = True,
         # A worker's share of the cores is split between a DDP cell's ranks: 2 ranks x 2 threads
         # on 2 cores ran 2.8x slower per epoch than 2 x 1 (deqbench bench ddp).
         futures = {executor.submit(_run_one, c, max(1, threads // c.world_size), pool if on_gpu[c.hash] else None,
-                                   bool(ids), command or node_command, stopper): c for c in cells}
+                                   bool(ids), command, stopper): c for c in cells}
         bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=not progress, file=sys.stderr)
         for fut in as_completed(futures):
             res = fut.result()
