@@ -7,7 +7,11 @@ training is near-zero work: ``experiment`` with the ``set`` overrides, seeds
 
 - ``direct``: ``run_cell(cell)`` in a loop in this process, one at a time
   (the baseline);
-- ``local``: the local launcher, ``workers`` ``python -m jobs.node`` processes at a time;
+- ``local``: the local launcher, ``workers`` cells at a time, each a process forked
+  from its warm server (:func:`jobs.launchers.local.fork_context`);
+- ``local_fresh``: the local launcher running each cell as a fresh
+  ``python -m jobs.node`` interpreter (what it did before the warm server, and
+  still does for DDP cells), for a side-by-side under the same load;
 - ``submitit``: Slurm job arrays through submitit on the local cluster
   (``submitit_config``, its ``slurm_array_parallelism`` set to ``workers``);
 - ``ray``: Ray Tune on a local Ray (``ray_config``, ``num_cpus`` and
@@ -36,7 +40,7 @@ The launchers run ``workers`` cells at a time while the direct loop runs one,
 so that overhead is what a user waits for, net of parallelism; the column
 ``worker-s/cell`` gives ``(workers * T - T_direct) / N``, the worker time each
 cell occupies beyond the direct loop's (exact when ``workers`` cores are free).
-The last line is ``overhead per cell vs direct: local N.NNs, submitit N.NNs, ray N.NNs``.
+The last line is ``overhead per cell vs direct: local N.NNs, local_fresh N.NNs, submitit N.NNs, ray N.NNs``.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from jobs.bench._common import table_lines
 
-BACKENDS = ("direct", "local", "submitit", "ray")
+BACKENDS = ("direct", "local", "local_fresh", "submitit", "ray")
 SWEEP_NAME = "bench_orchestration"
 REPO = Path(__file__).resolve().parents[2]
 
@@ -229,6 +233,10 @@ def _runner(backend: str, cfg: Dict[str, Any], launcher_cfgs: Dict[str, Path]) -
     if backend == "direct":
         threads = max(1, (os.cpu_count() or 1) // cfg["workers"])  # what each local worker gets
         return lambda cells: _run_direct(cells, threads)
+    if backend == "local_fresh":
+        from jobs.launchers.local import node_command, submit
+
+        return lambda cells: submit(cells, workers=cfg["workers"], command=node_command)
     from jobs.launchers import get_launcher
 
     launcher = get_launcher(backend)
@@ -348,7 +356,7 @@ def _run(cfg: Dict[str, Any], root: Path) -> int:
     print(f"load average at the end {_load()}")
     print(f"all cells FINISHED in every store: {'yes' if not failed else 'NO, in ' + ', '.join(failed)}")
     parts = [f"{b} {overhead[b]:.2f}s" if b in overhead else f"{b} skipped"
-             for b in ("local", "submitit", "ray") if b in cfg["backends"]]
+             for b in BACKENDS[1:] if b in cfg["backends"]]
     print(f"overhead per cell vs direct: {', '.join(parts)}", flush=True)
     return 1 if failed else 0
 
