@@ -12,7 +12,10 @@ starts one fork server (``multiprocessing`` forkserver) that imports them once
 in its own session, takes the cell's environment (threads, GPUs), writes to the
 cell's ``log.txt`` and is titled ``python -m jobs.node <cell.json>`` (so ``ps`` and
 ``deqbench cancel`` see it as a node job). A DDP cell runs under ``torchrun`` in a
-fresh interpreter (one process per rank), as before.
+fresh interpreter (one process per rank), as before. As with any
+``multiprocessing`` forkserver, a script that calls :func:`submit` itself must
+do so under ``if __name__ == "__main__":`` (each child imports the script as
+``__mp_main__``); ``deqbench sweep`` and pytest need nothing.
 
 GPUs (:mod:`jobs.launchers.gpus`): the devices of this machine are found from
 ``CUDA_VISIBLE_DEVICES``, else torch. A cell that trains on GPUs (``train.device``
