@@ -179,3 +179,30 @@ def test_user_family_on_the_local_slurm(slurm_cluster, tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("byo_slurm").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["family"] == f"{FAMILY_FILE}:SIREN"
     assert run.data.params["siren.omega_0"] == "30.0" and run.data.tags.get("slurm_job_id")
+
+
+@pytest.mark.slow
+def test_user_family_under_ray_next_to_a_builtin(tmp_path):
+    """Ray Tune trials run the same node job: the user family and a built-in one, one sweep, one table."""
+    spec = {"name": "byo_ray", "seeds": [0],
+            "groups": [{"base": str(REPO / "configs/experiments/deq_inr_tiny.yaml"),
+                        "set": {"train.epochs": 2, "data.size": 41}},
+                       {"base": str(EXAMPLE), "set": {"train.epochs": 2, "data.size": 41, "siren.omega_0": 10.0}}]}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = deqbench("sweep", tmp_path / "sweep.yaml", "--launcher", "ray", "--launcher-config",
+                   REPO / "configs/launchers/ray_local.yaml", "--runs-dir", tmp_path / "runs", "--tracking-uri", uri,
+                   cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 finished, 0 failed" in out.stdout
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("byo_ray").experiment_id])
+    assert sorted(r.data.params["family"] for r in runs) == sorted(["deq_inr", f"{FAMILY_FILE}:SIREN"])
+    assert all(r.info.status == "FINISHED" for r in runs)
+    table = deqbench("table", "--experiment", "byo_ray", "--rows", "family", "--metrics", "psnr",
+                     "--tracking-uri", uri, cwd=tmp_path)
+    assert table.returncode == 0, table.stderr
+    psnr = {r.data.params["family"]: r.data.metrics["psnr"] for r in runs}
+    for family, value in psnr.items():
+        row = next(line for line in table.stdout.splitlines() if line.startswith(f"| {family} |"))
+        assert f"{value:.2f}" in row
