@@ -545,12 +545,16 @@ def job_details(job_ids: Iterable["str | int"], use_sacct: Optional[bool] = None
         return {}
     sacct = accounting_enabled() if use_sacct is None else use_sacct
     found, covered = _sacct_details(ids) if sacct else ({}, set())
+    # an end Slurm may undo by requeueing the job (node failure, preemption, time limit with --requeue)
+    revivable = RESUMABLE_END_STATES - {"CANCELLED"}
     unsettled = [j for j in ids if "_" not in j or j not in covered  # a job id may be an array's
-                 or found.get(j, JobState(UNKNOWN_STATE)).state not in TERMINAL_STATES]
+                 or found.get(j, JobState(UNKNOWN_STATE)).state not in TERMINAL_STATES - revivable]
     if unsettled:
         live, live_covered = _squeue_details(unsettled)
-        for k, js in live.items():
-            if k not in found or (found[k].state not in TERMINAL_STATES and found[k].state != js.state):
+        for k, js in live.items():  # the controller's word is newer; an ended job's record stays richer
+            old = found.get(k)
+            requeued = old is not None and old.state in revivable and js.state not in TERMINAL_STATES | {"COMPLETING"}
+            if old is None or requeued or (old.state not in TERMINAL_STATES and old.state != js.state):
                 found[k] = js
         covered |= live_covered
         for j in set(unsettled) & set(found):  # the database's record of an array not yet split into tasks

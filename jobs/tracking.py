@@ -75,13 +75,14 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
 
 
-def _retry(fn: Callable[[], T], patience_s: float = _PATIENCE_S, since: float | None = None) -> T:
+def _retry(fn: Callable[[], T], patience_s: float = _PATIENCE_S, since: float | None = None, limit_from: str = "") -> T:
     """Runs ``fn``, retrying transient errors with exponential back-off (0.2 s doubling, at most 15 s).
 
     Args:
         fn: the store call.
         patience_s: how long the store may stay unreachable, counted from ``since``
             (``time.monotonic()``; default: the first failure).
+        limit_from: the setting ``patience_s`` comes from, named in the error.
 
     Raises:
         TrackingUnavailable: still failing transiently after ``patience_s``.
@@ -96,8 +97,9 @@ def _retry(fn: Callable[[], T], patience_s: float = _PATIENCE_S, since: float | 
             since = time.monotonic() if since is None else since
             down = time.monotonic() - since
             if down >= patience_s:
+                where = f", ${limit_from}" if limit_from else ""
                 raise TrackingUnavailable(f"tracking store unreachable for {down:.0f} s "
-                                          f"(limit {patience_s:g} s): {_short(err)}") from err
+                                          f"(limit {patience_s:g} s{where}): {_short(err)}") from err
             time.sleep(min(delay, patience_s - down))
             delay = min(2 * delay, _MAX_BACKOFF_S)
 
@@ -339,7 +341,7 @@ class MlflowTracker:
 
     def _call(self, fn: Callable[[], T]) -> T:
         """``fn`` retried through an outage until ``max_outage_s`` after it began."""
-        out = _retry(fn, self.max_outage_s, since=self._down_since)
+        out = _retry(fn, self.max_outage_s, since=self._down_since, limit_from=MAX_OUTAGE_ENV)
         self._up(time.monotonic())
         return out
 

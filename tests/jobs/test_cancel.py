@@ -144,6 +144,9 @@ def test_cancel_stops_a_ray_sweep(tmp_path):
     cfg = {**yaml.safe_load((REPO / "configs/launchers/ray_local.yaml").read_text()), "max_concurrent_trials": 1}
     (tmp_path / "l.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [*_sweep(tmp_path, "t_cancel_ray")[:-2], "--launcher", "ray", "--launcher-config", "l.yaml"]
+    spec = yaml.safe_load((tmp_path / "s.yaml").read_text())
+    spec["set"]["train.epochs"] = 20 * EPOCHS  # a trial must still run when cancel comes, even on a quiet machine
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 400
     while not list(tmp_path.glob("runs/t_cancel_ray/*/ckpt/ckpt_*.pt")):
