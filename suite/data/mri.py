@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import default_collate
 
 from suite.config import ExperimentConfig, MRIConfig
-from suite.data.fastmri import FastMRISliceDataset
+from suite.data.fastmri import FastMRISliceDataset, _list_files
 
 _SYNTH_FORMAT = 1  # bump when suite.data.synth changes what it writes
 _BATCH_KEYS = ("kspace", "mask", "sens_maps", "target_complex", "std")
@@ -129,15 +129,11 @@ def ensure_synthetic(mri: MRIConfig) -> Path:
 
 
 def _h5_files(root: str, key: str) -> list[Path]:
-    path = Path(root).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"{key}: fastMRI data path {str(path)!r} does not exist")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".h5")
-        if not files:
-            raise ValueError(f"{key}: no .h5 files in directory {str(path)!r}")
-        return files
-    return [path]
+    """:func:`suite.data.fastmri._list_files` of ``root`` (``~`` expanded), its errors prefixed with the config key."""
+    try:
+        return _list_files(Path(root).expanduser())
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"{key}: {err}") from None
 
 
 def split_files(mri: MRIConfig, need_train: bool = True) -> tuple[list[Path], list[Path]]:
