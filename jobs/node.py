@@ -356,13 +356,15 @@ def _record_end_in_mlflow(cell: Cell, run_id: str, state: str, reason: str, erro
     from jobs import tracking
 
     try:
-        tracker = tracking.MlflowTracker(cell.tracking_uri or tracking.resolve_tracking_uri(), run_id)
+        # a command's patience, not a training cell's outage limit: cancel must not hang on a dead store
+        tracker = tracking.MlflowTracker(cell.tracking_uri or tracking.resolve_tracking_uri(), run_id,
+                                         max_outage_s=tracking.COMMAND_PATIENCE_S)
         tracker.set_tags({REASON_TAG: reason})
         if tracking.client(tracker.uri).get_run(run_id).info.status == "RUNNING":
             tracker.set_tags({"failure_reason": (error or reason)[:5000]})
             tracker.terminate(state)
     except Exception as err:  # noqa: BLE001 - a deleted run or an unreachable store must not stop the others
-        print(f"deqbench: could not record {state} ({reason}) of cell {cell.hash} in MLflow: {err}", file=sys.stderr)
+        _say(f"deqbench: could not record {state} ({reason}) of cell {cell.hash} in MLflow: {err}")
 
 
 class NodeJob:

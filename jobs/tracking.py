@@ -30,7 +30,7 @@ T = TypeVar("T")
 DEFAULT_URI = "sqlite:///mlflow.db"
 FLUSH_EVERY_ENV, FLUSH_EVERY_DEFAULT = "DEQBENCH_FLUSH_EVERY_S", 30.0
 MAX_OUTAGE_ENV, MAX_OUTAGE_DEFAULT = "DEQBENCH_TRACKING_MAX_OUTAGE_S", 900.0
-_PATIENCE_S = 50.0  # how long a command (status, table) waits for a busy or restarting store
+COMMAND_PATIENCE_S = 50.0  # how long a command (status, table, cancel) waits for a busy or restarting store
 _MAX_BACKOFF_S = 15.0
 _TRANSIENT = ("database is locked", "connection", "temporarily", "timed out", "timeout", "max retries",
               "error code 5")  # the last: an HTTP 5xx from a (re)starting server
@@ -75,7 +75,7 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
 
 
-def _retry(fn: Callable[[], T], patience_s: float = _PATIENCE_S, since: float | None = None, limit_from: str = "") -> T:
+def _retry(fn: Callable[[], T], patience_s: float = COMMAND_PATIENCE_S, since: float | None = None, limit_from: str = "") -> T:
     """Runs ``fn``, retrying transient errors with exponential back-off (0.2 s doubling, at most 15 s).
 
     Args:
@@ -120,7 +120,7 @@ def client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
-def experiment_id(uri: str, name: str, patience_s: float = _PATIENCE_S) -> str:
+def experiment_id(uri: str, name: str, patience_s: float = COMMAND_PATIENCE_S) -> str:
     """Id of experiment ``name``, created if missing (race-safe)."""
     c = client(uri)
     exp = _retry(lambda: c.get_experiment_by_name(name), patience_s)
@@ -137,7 +137,7 @@ def experiment_id(uri: str, name: str, patience_s: float = _PATIENCE_S) -> str:
         return exp.experiment_id
 
 
-def runs_by_hash(uri: str, name: str, patience_s: float = _PATIENCE_S) -> dict[str, Any]:
+def runs_by_hash(uri: str, name: str, patience_s: float = COMMAND_PATIENCE_S) -> dict[str, Any]:
     """Newest run per ``cell_hash`` tag in experiment ``name`` (empty if it does not exist)."""
     c = client(uri)
     exp = _retry(lambda: c.get_experiment_by_name(name), patience_s)
@@ -156,7 +156,7 @@ def runs_by_hash(uri: str, name: str, patience_s: float = _PATIENCE_S) -> dict[s
             return out
 
 
-def finished_hashes(uri: str, name: str, patience_s: float = _PATIENCE_S) -> set[str]:
+def finished_hashes(uri: str, name: str, patience_s: float = COMMAND_PATIENCE_S) -> set[str]:
     """Cell hashes whose newest run in ``name`` FINISHED."""
     return {h for h, run in runs_by_hash(uri, name, patience_s).items() if run.info.status == "FINISHED"}
 

@@ -343,9 +343,9 @@ def _outcome(cell: Cell) -> dict[str, Any]:
             "run it again to resume)")
         write_status(cell.workdir, state="KILLED", error=reason)
         if run is not None and run.info.status == "RUNNING":
-            from jobs.tracking import MlflowTracker
+            from jobs.tracking import COMMAND_PATIENCE_S, MlflowTracker
 
-            t = MlflowTracker(cell.tracking_uri, run.info.run_id)
+            t = MlflowTracker(cell.tracking_uri, run.info.run_id, max_outage_s=COMMAND_PATIENCE_S)
             t.set_tags({"failure_reason": reason})
             t.terminate("KILLED")
         status = read_status(cell.workdir)
