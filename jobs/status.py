@@ -37,7 +37,8 @@ def cell_states(sweep: str | Path, runs_dir: str | Path | None, uri: str) -> tup
     name, cells = expand_sweep(sweep, runs_dir=runs_dir, tracking_uri=uri)
     # Every cell's status.json says it ended, none went to Slurm (whose status.json may be stale): the store
     # adds nothing (a node job and a launcher record an end in both), and mlflow (seconds to import) stays out.
-    ended = all(read_status(c.workdir).get("state") in ("FINISHED", "FAILED", "KILLED")
+    statuses = {c.hash: read_status(c.workdir) for c in cells}  # each status.json read once
+    ended = all(statuses[c.hash].get("state") in ("FINISHED", "FAILED", "KILLED")
                 and not (Path(c.workdir) / "submitted.json").exists() for c in cells)
     try:
         finished = set() if ended else tracking.finished_hashes(uri, name, patience_s=STORE_PATIENCE_S)
@@ -47,7 +48,7 @@ def cell_states(sweep: str | Path, runs_dir: str | Path | None, uri: str) -> tup
     slurm = _slurm_states([c.workdir for c in cells if c.hash not in finished])
     rows = []
     for c in cells:
-        st = read_status(c.workdir)
+        st = statuses[c.hash]
         state, detail = st.get("state"), st.get("error") or ""
         if c.hash in finished:
             state, detail = "FINISHED", ""
