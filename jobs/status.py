@@ -32,7 +32,7 @@ def cell_states(sweep: str | Path, runs_dir: str | Path | None, uri: str) -> tup
         TIMEOUT, ...; None when it has none), ``progress`` the running cell's
         ``{"epoch", "total", "loss", "psnr", "eta_s", "at"}`` (None unless RUNNING).
     """
-    from jobs import tracking
+    from jobs import store_query, tracking
 
     name, cells = expand_sweep(sweep, runs_dir=runs_dir, tracking_uri=uri)
     # Every cell's status.json says it ended, none went to Slurm (whose status.json may be stale): the store
@@ -41,7 +41,7 @@ def cell_states(sweep: str | Path, runs_dir: str | Path | None, uri: str) -> tup
     ended = all(statuses[c.hash].get("state") in ("FINISHED", "FAILED", "KILLED")
                 and not (Path(c.workdir) / "submitted.json").exists() for c in cells)
     try:
-        finished = set() if ended else tracking.finished_hashes(uri, name, patience_s=STORE_PATIENCE_S)
+        finished = set() if ended else store_query.finished_hashes(uri, name, patience_s=STORE_PATIENCE_S)
     except tracking.TrackingUnavailable as err:  # an outage is when one wants to look: say so, go on
         print(f"deqbench status: {err}; states from the cells' status.json only", file=sys.stderr, flush=True)
         finished = set()
