@@ -4,9 +4,11 @@ A real SQLite store written by MLflow's client holds, per cell hash, runs
 that FINISHED, still run, FAILED then FINISHED and the reverse, were KILLED,
 were deleted, share a start time; a second experiment and an untagged run
 must not count. The light answer is read with ``sqlite3`` and, over HTTP,
-from MLflow's own server app (``mlflow.server.app``, the REST handlers
-``mlflow server`` serves) run by werkzeug in a subprocess, a few seconds;
-the same against ``slurm/mlflow_server.sh`` is slow (10-50 s to start).
+from MLflow's own server app with its basic authentication
+(``mlflow.server.auth.create_app``: the REST handlers ``mlflow server
+--app-name basic-auth`` serves, needs Flask-WTF) run by werkzeug in a
+subprocess, a few seconds; the same against ``slurm/mlflow_server.sh`` is
+slow (10-50 s to start).
 """
 
 from __future__ import annotations
@@ -27,11 +29,20 @@ from mlflow.tracking import MlflowClient
 from jobs import store_query, tracking
 
 NAME = "t_store_query"
+ADMIN = ("admin", "Adm1n-test-pw")
 SERVE = """import os, sys
 os.environ["_MLFLOW_SERVER_FILE_STORE"], os.environ["_MLFLOW_SERVER_ARTIFACT_ROOT"] = sys.argv[1], sys.argv[2]
-from mlflow.server import app
+from mlflow.server.auth import create_app
 from werkzeug.serving import make_server
-make_server("127.0.0.1", int(sys.argv[3]), app, threaded=True).serve_forever()
+make_server("127.0.0.1", int(sys.argv[3]), create_app(), threaded=True).serve_forever()
+"""
+AUTH_INI = """[mlflow]
+default_permission = READ
+database_uri = sqlite:///{db}
+admin_username = {user}
+admin_password = {password}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+grant_default_workspace_access = false
 """
 
 
@@ -74,9 +85,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def rest(store: tuple[str, set[str]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """MLflow's server app on ``store``'s SQLite file, served by werkzeug in a subprocess; yields its URL."""
+    """MLflow's server app with basic auth (user and password: ``ADMIN``) on ``store``'s SQLite file, served by
+    werkzeug in a subprocess; yields its URL."""
     tmp, port = tmp_path_factory.mktemp("rest"), _free_port()
-    proc = subprocess.Popen([sys.executable, "-c", SERVE, store[0], str(tmp / "artifacts"), str(port)],
+    (tmp / "auth.ini").write_text(AUTH_INI.format(db=tmp / "auth.db", user=ADMIN[0], password=ADMIN[1]))
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp / "auth.ini"), "MLFLOW_FLASK_SERVER_SECRET_KEY": "test"}
+    proc = subprocess.Popen([sys.executable, "-c", SERVE, store[0], str(tmp / "artifacts"), str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=(tmp / "server.log").open("w"), start_new_session=True)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
     try:
@@ -122,11 +136,24 @@ def test_sqlite_file_without_mlflows_tables_goes_to_the_client(tmp_path):
 
 
 def test_rest_answer_equals_the_mlflow_clients_across_pages(store, rest, monkeypatch):
+    monkeypatch.setenv("HOME", str(Path(store[0][len("sqlite:///"):]).parent))  # no ~/.mlflow/credentials
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
     monkeypatch.setattr(store_query, "PAGE_SIZE", 2)  # 12 runs: 6 pages
-    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "t0ken")  # sent as MLflow sends it; this server does not check
     assert store_query.finished_hashes(rest, NAME) == tracking.finished_hashes(rest, NAME) == store[1]
     assert store_query.finished_hashes(rest + "/", "no_such_experiment") == set()
     assert "mlflow.server" not in sys.modules  # the server is the subprocess's
+
+
+def test_rest_refusal_goes_to_the_client_which_says_why(store, rest, monkeypatch):
+    monkeypatch.setenv("HOME", str(Path(store[0][len("sqlite:///"):]).parent))
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+    with pytest.raises(Exception, match="error code 401") as light:
+        store_query.finished_hashes(rest, NAME)
+    with pytest.raises(Exception, match="error code 401") as client:
+        tracking.finished_hashes(rest, NAME)
+    assert str(light.value) == str(client.value)  # the same error: the light path handed over to the client
 
 
 def test_unreachable_server_is_tracking_unavailable_after_the_patience():
