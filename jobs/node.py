@@ -420,8 +420,8 @@ class NodeJob:
         return DelayedSubmission(NodeJob(), cell)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m jobs.node CELL_JSON``: exit 0 when the cell FINISHED, else 1."""
+def main(argv: list[str] | None = None, wrap_tracker: Callable[[Any], Any] | None = None) -> int:
+    """``python -m jobs.node CELL_JSON``: exit 0 when the cell FINISHED, else 1 (``wrap_tracker``: see run_cell)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m jobs.node RUNS/SWEEP/HASH/cell.json", file=sys.stderr)
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(int(threads))
-    result = run_cell(Cell.load(argv[0]))
+    result = run_cell(Cell.load(argv[0]), wrap_tracker=wrap_tracker)
     print(json.dumps({k: v for k, v in result.items() if k != "results"}))
     return 0 if result.get("state") == "FINISHED" else 1
 

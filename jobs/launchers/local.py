@@ -77,8 +77,11 @@ def fork_context() -> Any:
     return _FORK
 
 
-def _forked_node(path: str, env: dict[str, str], log: str, cwd: str) -> None:
-    """A cell's process, forked from the warm server: ``python -m jobs.node PATH`` without the imports."""
+def forked_node(path: str, env: dict[str, str], log: str, cwd: str, wrap_tracker: Any = None) -> None:
+    """A cell's process, forked from the warm server: ``python -m jobs.node PATH`` without the imports.
+
+    ``wrap_tracker``: as :func:`jobs.node.run_cell`'s (picklable; the Ray launcher relays rows to Tune).
+    """
     os.setsid()  # its own session, as start_new_session: no Ctrl-C from the terminal, killpg reaches it
     from setproctitle import setproctitle
 
@@ -94,20 +97,26 @@ def _forked_node(path: str, env: dict[str, str], log: str, cwd: str) -> None:
         stream.reconfigure(line_buffering=True)  # PYTHONUNBUFFERED is read at start-up only
     from jobs.node import main
 
-    sys.exit(main([path]))
+    sys.exit(main([path], wrap_tracker=wrap_tracker))
 
 
-class _Forked:
-    """A cell process from the fork server, with the ``pid`` and ``wait()`` of a ``subprocess.Popen``."""
+class Forked:
+    """A cell process from the fork server, with the ``pid`` and ``wait()`` of a ``subprocess.Popen``.
 
-    def __init__(self, path: Path, env: dict[str, str], log: Path) -> None:
-        self._proc = fork_context().Process(target=_forked_node, args=(str(path), env, str(log), os.getcwd()),
+    ``target(str(path), env, str(log), cwd, *args)`` runs in it (default :func:`forked_node`).
+    """
+
+    def __init__(self, path: Path, env: dict[str, str], log: Path, target: Callable[..., None] | None = None,
+                 args: tuple = ()) -> None:
+        self._proc = fork_context().Process(target=target or forked_node,
+                                            args=(str(path), env, str(log), os.getcwd(), *args),
                                             name=f"deqbench-cell-{path.parent.name}")
         self._proc.start()
         self.pid = self._proc.pid
 
-    def wait(self) -> int:
-        self._proc.join()
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Its exit code (negative: the signal), None when it still runs after ``timeout`` seconds."""
+        self._proc.join(timeout)
         return self._proc.exitcode
 
 
@@ -198,7 +207,7 @@ class Stopper:
             signal.signal(sig, handler)
 
 
-def _exit_reason(code: int) -> str:
+def exit_reason(code: int) -> str:
     """``exit code 3`` or ``signal SIGKILL`` for a process's return code."""
     if code >= 0:
         return f"exit code {code}"
@@ -206,6 +215,12 @@ def _exit_reason(code: int) -> str:
         return f"signal {signal.Signals(-code).name}"
     except ValueError:
         return f"signal {-code}"
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """This process's environment for a cell's process with ``threads`` torch/OpenMP threads per rank."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "DEQBENCH_TORCH_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
 
 def _run_one(cell: Cell, threads: int, pool: DevicePool | None = None, hide_gpus: bool = False,
@@ -227,8 +242,7 @@ def _run_one(cell: Cell, threads: int, pool: DevicePool | None = None, hide_gpus
         open(Path(cell.workdir) / "log.txt", "ab").close()
     except OSError as err:  # disk full, read-only runs directory: this cell fails, the sweep goes on
         return _unwritable(cell, cannot_write(Path(cell.workdir) / "cell.json", err))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "DEQBENCH_TORCH_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    env = thread_env(threads)
     devices: list[str] = []
     if pool is not None:
         try:
@@ -240,7 +254,7 @@ def _run_one(cell: Cell, threads: int, pool: DevicePool | None = None, hide_gpus
         env["CUDA_VISIBLE_DEVICES"] = ""
     try:
         if command is None and cell.world_size == 1:
-            code = stopper.run(start=lambda: _Forked(path, env, Path(cell.workdir) / "log.txt"))
+            code = stopper.run(start=lambda: Forked(path, env, Path(cell.workdir) / "log.txt"))
         else:
             with open(Path(cell.workdir) / "log.txt", "ab") as log:
                 code = stopper.run((command or node_command)(cell, path), stdout=log, stderr=subprocess.STDOUT,
@@ -257,10 +271,10 @@ def _run_one(cell: Cell, threads: int, pool: DevicePool | None = None, hide_gpus
                        "the sweep was stopped (Ctrl-C or deqbench cancel); running it again resumes this cell")
         elif code != 0 and status.get("state") not in ("FAILED", "KILLED"):
             # The process died without reporting (killed, segfault, out of memory, a full disk): record it here.
-            record_end(cell, "FAILED", _exit_reason(code),
-                       f"node process ended with {_exit_reason(code)}; see {cell.workdir}/log.txt")
+            record_end(cell, "FAILED", exit_reason(code),
+                       f"node process ended with {exit_reason(code)}; see {cell.workdir}/log.txt")
     except OSError as err:  # its status.json cannot be written: say why here
-        return _unwritable(cell, f"node process ended with {_exit_reason(code or 0)}; {err}")
+        return _unwritable(cell, f"node process ended with {exit_reason(code or 0)}; {err}")
     return _outcome(cell, read_status(cell.workdir))
 
 

@@ -7,6 +7,16 @@ Slurm node. Each epoch's metrics also go to ``tune.report`` (with the epoch as
 ``epoch``), so a scheduler such as ASHA can stop poor cells early; a stopped
 cell's MLflow run ends KILLED with ``failure_reason`` saying so.
 
+Warm start, one process per cell: Tune reuses its actors across trials
+(``reuse_actors``), and each actor starts the local launcher's warm fork server
+once (:func:`jobs.launchers.local.fork_context`, torch and mlflow imported
+once). Each trial forks one child from it that runs the node job, as the local
+launcher does: its own pid and session, its own peak memory, its output in the
+cell's ``log.txt``. The child never touches Ray: its per-epoch rows go over a
+pipe to the trial, which calls ``tune.report`` and answers go or stop
+(:class:`RelayTracker`). A child that dies without reporting (SIGKILL, a crash)
+is FAILED with the signal or exit code, and only its trial fails.
+
 Launcher config (``configs/launchers/ray_local.yaml``), a flat mapping:
 
 =========================  ====================================================
@@ -38,16 +48,19 @@ the process named in ``<runs>/<sweep>/launcher.json``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
-from jobs.cells import Cell
-from jobs.node import read_status, write_status
+from jobs.cells import Cell, read_status, write_status
 
 _NUMBER = (int, float)
 KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
@@ -138,75 +151,157 @@ def _placement(cell: Cell, config: Mapping[str, Any]) -> Any:
     return PlacementGroupFactory([{"CPU": res["cpu"], **({"GPU": res["gpu"]} if res["gpu"] else {})}])
 
 
-class TuneReportingTracker:
-    """Wraps the node job's MLflow tracker: every per-epoch row also goes to ``tune.report``.
+class RelayTracker:
+    """In a cell's process: the node job's tracker, each per-epoch row also sent to the trial for ``tune.report``.
 
-    Every report carries the latest value of every metric seen so far (Tune
-    wants the scheduler's metric in each one) plus ``epoch``. When the
-    scheduler stops the trial, ``tune.report`` raises ``SystemExit``. The
+    Every row carries the latest value of every metric seen so far (Tune wants
+    the scheduler's metric in each one) plus ``epoch``; the trial (:func:`_relay`)
+    answers ``go`` or, when ``tune.report`` stopped the trial, ``stop``. The
     scheduler left an ``early_stopped`` file in the work directory when it was
-    its decision (:func:`_scheduler`); else Tune is stopping every trial (Ctrl-C
-    on the driver) and the cell ends as :class:`jobs.node.Interrupted`, to be
-    resumed. On an early stop the buffered epochs are flushed at once (Ray may end the trial's process
-    moments later; the driver then records the stop, see ``_outcome``) and it
-    becomes :class:`jobs.node.EarlyStopped`. An early-stopped cell is final:
-    running it again starts afresh in a new MLflow run.
+    its decision (:func:`_marking_asha`): the buffered epochs are flushed and the
+    cell ends as :class:`jobs.node.EarlyStopped` (final: running it again starts
+    afresh in a new MLflow run). Otherwise Tune is stopping every trial (Ctrl-C
+    on the driver, ``deqbench cancel``), as it is when the trial's process is
+    gone: the cell ends as :class:`jobs.node.Interrupted`, to be resumed. The
+    final metrics (``time/total_s``) end training whatever the answer.
     """
 
-    def __init__(self, inner: Any, workdir: str | Path) -> None:
+    def __init__(self, inner: Any, workdir: str | Path, conn: Any) -> None:
         self.inner = inner
         self.workdir = Path(workdir)
+        self.conn = conn
         self.latest: dict[str, float] = {}
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        from ray import tune
-
-        from jobs.node import EarlyStopped
+        from jobs.node import EarlyStopped, Interrupted
 
         self.inner.log_metrics(metrics, step)
         self.latest.update({k: float(v) for k, v in metrics.items()})
         try:
-            tune.report({**self.latest, "epoch": int(step or 0)})
-        except SystemExit:
-            if "time/total_s" in metrics:  # the final metrics (DESIGN: logged once, at the end): training is over
-                return
-            from jobs.node import Interrupted
-
-            marker = self.workdir / EARLY_STOP_MARKER
-            if not marker.exists():  # Tune stopped every trial: the sweep was interrupted
-                raise Interrupted("stopped by Ray Tune (the sweep was interrupted); running it again resumes") from None
-            try:  # first thing: Ray may end this process as soon as the main thread has stopped the trial
-                self.inner.flush()
-            except Exception:  # noqa: BLE001 - best effort; the driver records the stop anyway
-                pass
-            raise EarlyStopped(f"stopped early by the Tune scheduler after epoch {step}") from None
+            self.conn.send({**self.latest, "epoch": int(step or 0)})
+            answer = self.conn.recv()
+        except (OSError, EOFError):
+            answer = None
+        if answer == "go" or "time/total_s" in metrics:  # the final metrics (DESIGN: logged once, at the end)
+            return
+        if answer is None:
+            raise Interrupted("its Ray trial ended (the sweep was stopped); running it again resumes")
+        if not (self.workdir / EARLY_STOP_MARKER).exists():
+            raise Interrupted("stopped by Ray Tune (the sweep was interrupted); running it again resumes")
+        try:
+            self.inner.flush()
+        except Exception:  # noqa: BLE001 - best effort; the driver records the stop anyway
+            pass
+        raise EarlyStopped(f"stopped early by the Tune scheduler after epoch {step}")
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 
-def _trial(config: dict[str, Any]) -> None:
-    """One Tune trial: the node job on one cell."""
-    import torch
+STOP_WAIT_S = 30.0
+"""How long a trial that Tune stopped waits for its cell's process to record the stop and end."""
+
+
+def _relay(conn: Any) -> bool:
+    """In the trial: ``tune.report`` of each row the cell's process sends, answered; True when Tune stopped it.
+
+    Returns when the cell's process has closed the pipe (it ended). Never
+    called again after ``tune.report`` said stop (its ``SystemExit``): later
+    rows are answered ``stop``.
+    """
     from ray import tune
 
-    from jobs.node import run_cell
+    stopped = False
+    while True:
+        try:
+            row = conn.recv()
+        except (OSError, EOFError):
+            return stopped
+        if not stopped:
+            try:
+                tune.report(row)
+            except SystemExit:  # the scheduler's decision, or the sweep is being stopped
+                stopped = True
+        try:
+            conn.send("stop" if stopped else "go")
+        except OSError:
+            return stopped
+
+
+@contextlib.contextmanager
+def _without_main() -> Iterator[None]:
+    """While starting a child: ``multiprocessing`` runs the parent's ``__main__`` again in each child of a
+    fork server (as ``__mp_main__``); a Ray worker's is Ray's worker script, which imports ray. Hidden."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _relayed_node(path: str, env: dict[str, str], log: str, cwd: str, conn: Any) -> None:
+    """A cell's process under Ray, forked from the actor's warm server: the node job, rows relayed to the trial.
+
+    It gets SIGTERM when its parent (the fork server) ends, as it does with the
+    actor when Ray ends it: the node job then stops at its next epoch end with
+    a checkpoint, as on ``scancel`` (Linux; elsewhere its next row finds the
+    pipe closed).
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    from jobs.launchers.local import forked_node
+
+    forked_node(path, env, log, cwd, wrap_tracker=functools.partial(RelayTracker, workdir=Path(path).parent, conn=conn))
+
+
+def _run_forked(cell: Cell, path: str, cpus: int) -> None:
+    """Runs a one-rank cell in a child of this actor's warm fork server, relaying its rows to Tune.
+
+    Raises:
+        RuntimeError: the cell FAILED, or its process died without reporting (then recorded FAILED here).
+    """
+    from jobs.launchers.local import Forked, exit_reason, fork_context, thread_env
+    from jobs.node import record_end
+
+    # Tune's actor reuse waits this long for the trial's thread (default 2 s, else the next trial fails).
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(int(STOP_WAIT_S) + 30))
+    here, there = fork_context().Pipe()
+    with _without_main():
+        proc = Forked(Path(path), thread_env(cpus), Path(cell.workdir) / "log.txt", _relayed_node, (there,))
+    there.close()  # the child holds the other end: its exit closes the pipe
+    try:
+        stopped = _relay(here)
+    finally:
+        here.close()  # on an error here, the child's next row finds the pipe closed and it stops
+    code = proc.wait(STOP_WAIT_S if stopped else None)
+    status = read_status(cell.workdir)
+    if code not in (0, None) and status.get("state") not in ("FAILED", "KILLED"):
+        error = f"node process ended with {exit_reason(code)}; see {cell.workdir}/log.txt"
+        record_end(cell, "FAILED", exit_reason(code), error)
+        raise RuntimeError(f"cell {cell.hash}: {error}")
+    if status.get("state") == "FAILED":
+        raise RuntimeError(f"cell {cell.hash} failed: {status.get('error')}")
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One Tune trial: the node job on one cell, in a process of its own (under torchrun for DDP)."""
+    from ray import tune
+
+    from jobs.launchers.local import node_command, thread_env
 
     cell = Cell.load(config["cell"])
     cpus = int(max(1, tune.get_context().get_trial_resources().required_resources.get("CPU", 1) // cell.world_size))
-    if cell.world_size > 1:
-        env = {**os.environ, "OMP_NUM_THREADS": str(cpus), "DEQBENCH_TORCH_THREADS": str(cpus)}
-        with open(Path(cell.workdir) / "log.txt", "ab") as log:
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            f"--nproc_per_node={cell.world_size}", "-m", "jobs.node", config["cell"]],
-                           stdout=log, stderr=subprocess.STDOUT, env=env)
-        status = read_status(cell.workdir)
-        tune.report({**(status.get("results") or {}), "state": status.get("state", "FAILED")})
+    if cell.world_size == 1:
+        _run_forked(cell, config["cell"], cpus)
         return
-    torch.set_num_threads(cpus)
-    out = run_cell(cell, wrap_tracker=lambda t: TuneReportingTracker(t, cell.workdir))
-    if out["state"] == "FAILED":
-        raise RuntimeError(f"cell {cell.hash} failed: {out.get('error')}")
+    with open(Path(cell.workdir) / "log.txt", "ab") as log:
+        subprocess.run(node_command(cell, Path(config["cell"])), stdout=log, stderr=subprocess.STDOUT,
+                       env=thread_env(cpus))
+    status = read_status(cell.workdir)
+    tune.report({**(status.get("results") or {}), "state": status.get("state", "FAILED")})
 
 
 EARLY_STOP_MARKER = "early_stopped"
@@ -287,6 +382,7 @@ def _tuner(cells: list[Cell], config: dict[str, Any], trainable: Any) -> Any:
         param_space={"cell": tune.grid_search([str(c.save()) for c in cells])},
         tune_config=tune.TuneConfig(scheduler=_scheduler(config, cells),
                                     max_concurrent_trials=config.get("max_concurrent_trials"),
+                                    reuse_actors=True,  # one actor (and warm fork server) for many cells
                                     trial_name_creator=lambda t: Path(t.config["cell"]).parent.name,
                                     trial_dirname_creator=lambda t: Path(t.config["cell"]).parent.name),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(storage), verbose=0),
@@ -326,8 +422,27 @@ def launch(cells: list[Cell], args: argparse.Namespace) -> list[dict[str, Any]]:
     return [_outcome(c) for c in cells]
 
 
+def _wait_for_node(cell: Cell) -> None:
+    """Waits while the cell's node process still runs on this host (a stopped trial's cell ending on its own).
+
+    Its actor is gone, so it got SIGTERM (see :func:`_relayed_node`): it stops
+    at its next epoch end, or at most ``$DEQBENCH_STOP_GRACE_S`` (30 s) later.
+    """
+    import socket
+
+    from jobs.launchers.cancel import _our_process
+
+    status = read_status(cell.workdir)
+    if status.get("state") != "RUNNING" or status.get("host") != socket.gethostname():
+        return
+    deadline = time.monotonic() + float(os.environ.get("DEQBENCH_STOP_GRACE_S", "30")) + STOP_WAIT_S
+    while _our_process(status.get("pid"), "jobs.node") and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def _outcome(cell: Cell) -> dict[str, Any]:
     """A cell's outcome; a trial whose process ended before its node job could report is recorded KILLED here."""
+    _wait_for_node(cell)
     status = read_status(cell.workdir)
     run = None
     if status.get("run_id"):
@@ -350,4 +465,5 @@ def _outcome(cell: Cell) -> dict[str, Any]:
             t.terminate("KILLED")
         status = read_status(cell.workdir)
     return {"hash": cell.hash, "label": cell.label, "state": status.get("state", "FAILED"),
-            "run_id": status.get("run_id"), "error": status.get("error"), "results": status.get("results")}
+            "run_id": status.get("run_id"), "error": status.get("error"), "results": status.get("results"),
+            "reason": status.get("reason")}
