@@ -62,10 +62,61 @@ def test_asha_stops_the_poor_cell_and_trials_log_to_mlflow(tmp_path):
     steps = [m.step for m in client.get_metric_history(poor.info.run_id, "loss")]
     # A prefix, each epoch once (Ray may end the stopped trial's process before its last epochs are written).
     assert sorted(steps) == list(range(len(steps))) and len(steps) < 10
-    for r in found:  # the node job logged inside the trial, a process other than the driver
+    rows = {r.info.run_id: _tune_rows(tmp_path / "runs/t_ray", r.data.tags["cell_hash"]) for r in found}
+    # Tune got every epoch's row, ASHA's metric in each: all of the good cell's, the poor one's up to its stop.
+    assert [row["epoch"] for row in rows[good.info.run_id][:10]] == list(range(10))
+    assert [row["epoch"] for row in rows[poor.info.run_id]] == sorted(steps)[:len(rows[poor.info.run_id])]
+    assert all("loss" in row for rs in rows.values() for row in rs)
+    actors = {row["pid"] for rs in rows.values() for row in rs}  # the trial's process (Tune's actor)
+    assert len(actors) == 1  # one at a time: the actor (and its warm fork server) reused for the second cell
+    cells = set()
+    for r in found:  # the node job ran in a process of its own: neither the driver nor the actor
         status = json.loads((tmp_path / "runs/t_ray" / r.data.tags["cell_hash"] / "status.json").read_text())
-        assert status["run_id"] == r.info.run_id and status["pid"] != proc.pid
+        assert status["run_id"] == r.info.run_id and status["pid"] not in {proc.pid, *actors}
+        cells.add(status["pid"])
+        assert f'"run_id": "{r.info.run_id}"' in (tmp_path / "runs/t_ray" / r.data.tags["cell_hash"] / "log.txt").read_text()
+    assert len(cells) == 2  # one process per cell
     assert (tmp_path / "runs/t_ray/ray/tune").is_dir()  # Tune's storage under the sweep folder
+
+
+def _tune_rows(sweep_dir, cell_hash):
+    """The rows Tune received from a cell's trial (its result.json; the trial's folder is named by the cell)."""
+    return [json.loads(line) for line in (sweep_dir / "ray/tune" / cell_hash / "result.json").read_text().splitlines()]
+
+
+@pytest.mark.slow  # a local Ray, a warm fork server and two tiny cells: ~1 min on 2 busy cores
+def test_a_sigkilled_cell_fails_its_trial_alone(tmp_path):
+    """A cell's process killed mid-run (as a crash or the OOM killer would): FAILED with the signal, the other runs."""
+    small = {"data.size": 41, "model.hidden": 4, "crr.hidden": 4, "crr.epochs": 1}
+    spec = {"name": "t_ray_kill", "base": str(TINY), "set": {**small, "train.epochs": 2}, "seeds": [0],
+            "groups": [{}, {"seeds": [1], "set": {**small, "train.epochs": 100000}}]}  # seed 1 runs until killed
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    cfg = {**yaml.safe_load(RAY_LOCAL.read_text()), "max_concurrent_trials": 1}
+    (tmp_path / "l.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "sweep", "s.yaml", "--launcher", "ray",
+                             "--launcher-config", "l.yaml"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline, long_dir = time.monotonic() + 400, None
+    while long_dir is None:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+        for st in tmp_path.glob("runs/t_ray_kill/*/status.json"):
+            cell = json.loads((st.parent / "cell.json").read_text())
+            if cell["config"]["seed"] == 1 and json.loads(st.read_text() or "{}").get("state") == "RUNNING":
+                long_dir = st.parent
+    pid = json.loads((long_dir / "status.json").read_text())["pid"]
+    assert "-m jobs.node" in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    assert os.getsid(pid) == pid  # a session of its own
+    os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "1 finished, 1 failed" in out, out[-3000:]
+    killed = json.loads((long_dir / "status.json").read_text())
+    assert (killed["state"], killed["reason"]) == ("FAILED", "signal SIGKILL"), killed
+    assert "signal SIGKILL" in (tmp_path / "runs/t_ray_kill/ray/tune" / long_dir.name / "error.txt").read_text()
+    client, found = _runs(tmp_path, "t_ray_kill")
+    by_seed = {r.data.params["seed"]: r for r in found}
+    assert by_seed["1"].info.status == "FAILED" and by_seed["0"].info.status == "FINISHED"
+    assert by_seed["0"].data.metrics["psnr"] > 0
 
 
 @pytest.mark.slow
