@@ -79,6 +79,10 @@ class DEQConfig:
       and advance only through the gradient's steps (phantom). Needs ``warm_start``
       unless it is 1.
     - ``grad``: ``phantom`` (``phantom_steps`` unrolled steps damped by ``tau``) or ``ift``.
+    - ``b_warm_start``: with ``ift``, each pixel's last adjoint (the backward
+      solve's solution) is cached too and starts its next backward solve, so a
+      short ``b_max_iter`` gives the gradient of a long one from zero. Needs
+      ``warm_start`` and ``grad: ift``.
     - ``eval_init``: evaluations solve from ``zero`` or from the ``cache`` (needs
       ``warm_start``), with up to ``eval_max_iter`` iterations (0: ``f_max_iter``).
     """
@@ -93,6 +97,7 @@ class DEQConfig:
     phantom_steps: int = _range(1, 1, 100)
     tau: float = _range(1.0, 0.0, 10.0)
     warm_start: bool = False
+    b_warm_start: bool = False
     solve_every: int = _range(1, 0, 10**7)
     eval_init: str = _choice("zero", ("zero", "cache"))
     eval_max_iter: int = _range(0, 0, 10000)
@@ -103,6 +108,9 @@ class DEQConfig:
                 f"deq.solve_every {self.solve_every} needs deq.warm_start: true (without a cache, a step "
                 "that skips the solve would start from zero); allowed without it: 1"
             )
+        if self.b_warm_start and not (self.warm_start and self.grad == "ift"):
+            raise ConfigError("deq.b_warm_start needs deq.warm_start: true and deq.grad: ift "
+                              f"(got warm_start {self.warm_start}, grad {self.grad!r})")
         if not self.warm_start and self.eval_init == "cache":
             raise ConfigError("deq.eval_init 'cache' needs deq.warm_start: true; allowed without it: zero")
 
@@ -388,9 +396,19 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# Keys added after cells were first recorded: left out of the hash while at their default, so that an
+# existing cell keeps its identity (its runs, checkpoints and resume) when the suite gains an option.
+LATE_KEYS: dict[str, Any] = {"deq.b_warm_start": False}
+
+
 def config_hash(cfg: ExperimentConfig) -> str:
-    """Stable 12-hex-digit identity of a resolved config; key order does not matter."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    """Stable 12-hex-digit identity of a resolved config; key order does not matter (see ``LATE_KEYS``)."""
+    tree = to_dict(cfg)
+    for dotted, default in LATE_KEYS.items():
+        section, key = dotted.split(".")
+        if tree[section].get(key, default) == default:
+            tree[section].pop(key, None)
+    blob = json.dumps(tree, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

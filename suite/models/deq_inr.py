@@ -13,10 +13,10 @@ with torchdeq. Output = ``Linear(z*)``. All tensors are real.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from torch import nn
+from torch import autograd, nn
 from torchdeq import get_deq
 from torchdeq.norm import apply_norm, reset_norm
 
@@ -96,6 +96,50 @@ def deq_kwargs(deq: DEQConfig) -> dict[str, Any]:
     )
 
 
+class AdjointSlot:
+    """A training step's adjoint warm start: ``init`` goes in (None: zeros), ``out`` comes back after backward."""
+
+    def __init__(self) -> None:
+        self.init: torch.Tensor | None = None
+        self.out: torch.Tensor | None = None
+
+
+def warm_ift(slot: AdjointSlot) -> Callable[..., list[torch.Tensor]]:
+    """An IFT gradient for torchdeq whose backward solve starts from ``slot.init``.
+
+    The backward pass solves ``g = J_f(z*)^T g + ∂L/∂f(z*)`` for the adjoint ``g``
+    (as torchdeq's IFT does, with its backward solver, ``b_max_iter``, ``b_tol``),
+    but from the given start instead of zero, and leaves the solution in
+    ``slot.out``. Cached per pixel across optimiser steps, the adjoint changes
+    little from one step to the next, as the fixed point does (the forward warm
+    start), so a short backward solve reaches what a long one from zero would.
+    Built like torchdeq's hook IFT: one application of ``f`` with its graph, and a
+    hook on its output that swaps the incoming gradient for the adjoint.
+    """
+
+    def grad_fn(trainer: Any, func: Callable, z_pred: torch.Tensor, writer: Callable | None = None,
+                **_: Any) -> list[torch.Tensor]:
+        z_pred = z_pred.requires_grad_()
+        new_z = func(z_pred)
+        handle = None
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            handle.remove()  # the solve below differentiates new_z again: no second visit
+            g0 = torch.zeros_like(grad) if slot.init is None else slot.init.reshape_as(grad).to(grad.dtype)
+            g, _, info = trainer.b_solver(
+                lambda y: autograd.grad(new_z, z_pred, y, retain_graph=True)[0] + grad, g0,
+                max_iter=trainer.b_max_iter, tol=trainer.b_tol, stop_mode=trainer.b_stop_mode)
+            slot.out = g.detach()
+            if writer:
+                writer(info)
+            return g
+
+        handle = new_z.register_hook(hook)
+        return [new_z]
+
+    return grad_fn
+
+
 class DEQINR(nn.Module):
     """Coordinates → intensity through a DEQ layer solved by torchdeq.
 
@@ -115,6 +159,9 @@ class DEQINR(nn.Module):
         if model.norm != "none":
             apply_norm(self.f, norm_type=model.norm)
         self.deq = get_deq(**deq_kwargs(deq))
+        self.adjoint = AdjointSlot() if deq.b_warm_start else None
+        if self.adjoint is not None:  # torchdeq's last gradient function is its IFT: start it from the cache
+            self.deq.produce_grad[-1] = warm_ift(self.adjoint)
         self.head = nn.Linear(model.hidden, out_dim)
         self.last_bwd_nstep = 0.0
 
@@ -126,8 +173,8 @@ class DEQINR(nn.Module):
         pred, stats, _ = self.solve(x)
         return pred, stats
 
-    def solve(self, x: torch.Tensor, z0: torch.Tensor | None = None,
-              max_iter: int | None = None) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+    def solve(self, x: torch.Tensor, z0: torch.Tensor | None = None, max_iter: int | None = None,
+              g0: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
         """Solves for the fixed point and decodes it.
 
         Args:
@@ -136,6 +183,8 @@ class DEQINR(nn.Module):
             max_iter: forward-solver iterations for this call (0: no solve, start
                 from ``z0`` and let the gradient's steps advance it); None: the
                 configured ``f_max_iter`` (training) or ``eval_max_iter`` (eval).
+            g0: ``(N, hidden)`` start of the backward (adjoint) solve, with
+                ``deq.b_warm_start``; after backward, :meth:`adjoint_out` has its solution.
 
         Returns:
             ``(N, out_dim)`` prediction in model space ([-1, 1] for images); the
@@ -148,9 +197,15 @@ class DEQINR(nn.Module):
             reset_norm(self.f)
         if z0 is None:
             z0 = torch.zeros(x.shape[0], self.hidden, device=x.device, dtype=x.dtype)
+        if self.adjoint is not None:
+            self.adjoint.init, self.adjoint.out = g0, None
         kwargs = None if max_iter is None else {"f_max_iter": max_iter}
         z_out, info = self.deq(lambda z: self.f(z, u), z0, solver_kwargs=kwargs, backward_writer=self._bwd_writer)
         stats: dict[str, Any] = {k: float(info[k].float().mean()) for k in ("nstep", "abs_lowest", "rel_lowest")}
         if not self.training and "rel_trace" in info:
             stats["rel_trace"] = info["rel_trace"].float().mean(0).tolist()
         return self.head(z_out[-1]), stats, z_out[-1].detach()
+
+    def adjoint_out(self) -> torch.Tensor | None:
+        """The last training step's adjoint ``(N, hidden)`` (after its backward), with ``deq.b_warm_start``."""
+        return None if self.adjoint is None else self.adjoint.out

@@ -9,7 +9,9 @@ other end. :class:`Recipe` reads which one from :class:`suite.config.DEQConfig`
 is the model's own ``grad``) and carries the cache.
 
 Cache: ``(n_pixels, hidden)`` real states, one row per pixel of the image, in
-the data's pixel order. A step writes back the rows of its batch (under data
+the data's pixel order; with ``b_warm_start`` a second one of the same shape
+holds each pixel's last adjoint (the IFT backward solve's solution), which
+starts its next backward solve (:func:`suite.models.deq_inr.warm_ift`). A step writes back the rows of its batch (under data
 parallelism the shards are gathered first, so every rank holds the same cache),
 and checkpoints save it so that a resumed run continues exactly.
 """
@@ -39,6 +41,7 @@ class Recipe:
         self.solve_every = deq.solve_every
         self.eval_from_cache = deq.eval_init == "cache"
         self.cache = torch.zeros(n_pixels, hidden, device=device) if deq.warm_start else None
+        self.adjoint = torch.zeros(n_pixels, hidden, device=device) if deq.b_warm_start else None
 
     def solves_at(self, step: int) -> bool:
         """Whether the forward solver runs at optimiser step ``step`` (0-based, global)."""
@@ -46,33 +49,37 @@ class Recipe:
             return step == 0
         return step % self.solve_every == 0
 
-    def start(self, idx: torch.Tensor | None) -> torch.Tensor | None:
+    def start(self, idx: torch.Tensor | None, which: str = "cache") -> torch.Tensor | None:
         """``(len(idx), hidden)`` initial states of a batch's pixels (None: start at zero).
 
         Args:
             idx: pixel indices of the batch; None for every pixel (full batch).
+            which: ``cache`` (fixed points) or ``adjoint`` (backward solutions).
         """
-        if self.cache is None:
+        rows = getattr(self, which)
+        if rows is None:
             return None
-        return self.cache if idx is None else self.cache[idx]
+        return rows if idx is None else rows[idx]
 
-    def remember(self, idx: torch.Tensor | None, z: torch.Tensor) -> None:
-        """Stores a batch's new states ``z`` ``(len(idx), hidden)`` (the whole batch, on every rank)."""
-        if self.cache is None:
+    def remember(self, idx: torch.Tensor | None, z: torch.Tensor, which: str = "cache") -> None:
+        """Stores a batch's new rows ``z`` ``(len(idx), hidden)`` (the whole batch, on every rank) in ``which``."""
+        rows = getattr(self, which)
+        if rows is None:
             return
         if idx is None:
-            self.cache.copy_(z)
+            rows.copy_(z)
         else:
-            self.cache[idx] = z
+            rows[idx] = z
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs to resume exactly: the cache (on the CPU)."""
-        return {"cache": None if self.cache is None else self.cache.cpu()}
+        """What a checkpoint needs to resume exactly: the caches (on the CPU)."""
+        return {k: None if getattr(self, k) is None else getattr(self, k).cpu() for k in ("cache", "adjoint")}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Restores :meth:`state_dict`; a checkpoint without a cache leaves it at zero."""
-        if self.cache is not None and state and state.get("cache") is not None:
-            self.cache.copy_(state["cache"])
+        for key in ("cache", "adjoint"):
+            if getattr(self, key) is not None and state and state.get(key) is not None:
+                getattr(self, key).copy_(state[key])
 
 
 @torch.no_grad()
@@ -125,14 +132,15 @@ def recipe_step(model: nn.Module, recipe: Recipe, x: torch.Tensor, idx: torch.Te
     Returns:
         ``forward(shard)`` → ``(prediction (n_r, 1), solver stats)`` on rows
         ``shard`` of the batch, and ``commit()``, to call once after the step,
-        which writes the batch's new states into the cache (gathered over ranks).
+        which writes the batch's new states (and adjoints) into the caches (gathered over ranks).
     """
-    z0 = recipe.start(idx)
+    z0, g0 = recipe.start(idx), recipe.start(idx, "adjoint")
     max_iter = None if recipe.solves_at(step) else 0
     held: dict[str, Any] = {}
 
     def forward(s: slice) -> tuple[torch.Tensor, dict[str, float]]:
-        pred, stats, z = model.solve(x[s], z0=None if z0 is None else z0[s], max_iter=max_iter)
+        kw = {} if g0 is None else {"g0": g0[s]}
+        pred, stats, z = model.solve(x[s], z0=None if z0 is None else z0[s], max_iter=max_iter, **kw)
         held["z"] = z
         return pred, {"solver/fwd_nstep": stats["nstep"], "solver/abs_lowest": stats["abs_lowest"],
                       "solver/rel_lowest": stats["rel_lowest"]}
@@ -140,5 +148,7 @@ def recipe_step(model: nn.Module, recipe: Recipe, x: torch.Tensor, idx: torch.Te
     def commit() -> None:
         if recipe.cache is not None:
             recipe.remember(idx, D.gather_rows(held["z"], x.shape[0]))
+        if recipe.adjoint is not None:
+            recipe.remember(idx, D.gather_rows(model.adjoint_out(), x.shape[0]), "adjoint")
 
     return forward, commit

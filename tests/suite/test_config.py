@@ -68,6 +68,20 @@ def test_hash_is_stable_and_order_free():
     assert config_hash(a) != config_hash(replace(a, seed=1))
 
 
+def test_a_late_option_at_its_default_keeps_every_cell_identity():
+    # 3f502edbbbfb: the default experiment's hash before deq.b_warm_start existed (commit 68eb47d).
+    assert config_hash(ExperimentConfig()) == "3f502edbbbfb"
+    warm = load_config(None, ["deq.warm_start=true", "deq.grad=ift", "deq.b_warm_start=true"])
+    assert config_hash(warm) != config_hash(replace(warm, **{"deq.b_warm_start": False}))
+
+
+def test_backward_warm_start_needs_the_forward_cache_and_ift():
+    with pytest.raises(ConfigError, match="deq.b_warm_start needs deq.warm_start: true"):
+        load_config(None, ["deq.b_warm_start=true"])
+    with pytest.raises(ConfigError, match="grad 'phantom'"):
+        load_config(None, ["deq.warm_start=true", "deq.grad=phantom", "deq.b_warm_start=true"])
+
+
 def test_flatten_uses_dotted_keys():
     flat = flatten(load_config(None))
     assert flat["deq.solver"] == "anderson" and flat["data.image"] == "camera" and "seed" in flat

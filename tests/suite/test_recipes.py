@@ -123,9 +123,13 @@ class CrashingTracker(MemoryTracker):
         super().log_metrics(metrics, step)
 
 
-@pytest.mark.parametrize("batch_size", [-1, 500])
-def test_resume_with_a_warm_cache_is_exact(tmp_path, batch_size):
-    cfg = tiny(**{**TORCHDEQ, "train.batch_size": batch_size})
+WARM_IFT = {"deq.solver": "fixed_point_iter", "deq.f_max_iter": 3, "deq.warm_start": True, "deq.grad": "ift",
+            "deq.b_warm_start": True, "deq.b_max_iter": 2, "deq.eval_max_iter": 20}
+
+
+@pytest.mark.parametrize("batch_size, sets", [(-1, TORCHDEQ), (500, TORCHDEQ), (-1, WARM_IFT), (500, WARM_IFT)])
+def test_resume_with_a_warm_cache_is_exact(tmp_path, batch_size, sets):
+    cfg = tiny(**{**sets, "train.batch_size": batch_size})
     ref_tracker = MemoryTracker()
     ref = fit(cfg, build_model(cfg), load_data(cfg), ref_tracker)
     ckpt = Checkpointer(tmp_path / "ckpt", cfg.train.ckpt_every)
@@ -133,6 +137,8 @@ def test_resume_with_a_warm_cache_is_exact(tmp_path, batch_size):
         fit(cfg, build_model(cfg), load_data(cfg), CrashingTracker(3), ckpt=ckpt)
     state = ckpt.latest()
     assert state["recipe"]["cache"].abs().sum() > 0
+    if cfg.deq.b_warm_start:
+        assert state["recipe"]["adjoint"].abs().sum() > 0
     res = fit(cfg, build_model(cfg), load_data(cfg), MemoryTracker(), ckpt=Checkpointer(tmp_path / "ckpt", 2))
     assert res["psnr"] == ref["psnr"]
     # the cache is what makes it exact: resuming without it starts those pixels from zero
@@ -153,11 +159,11 @@ DDP_SETS = {**TORCHDEQ, "deq.f_tol": 0.0, "train.batch_size": 500, "train.epochs
             "deq.eval_init": "cache"}
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str, sets: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        cfg = tiny(**DDP_SETS)
+        cfg = tiny(**sets)
         tr = MemoryTracker()
         ckpt = Checkpointer(f"{out}.ckpt{rank}", 2)
         ckpt.collective = True  # every rank writes its own copy: the caches can be compared
@@ -167,20 +173,25 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_warm_cache_under_data_parallel_sharding_matches_one_process(tmp_path):
+@pytest.mark.parametrize("sets", [DDP_SETS, {**WARM_IFT, **{k: DDP_SETS[k] for k in ("train.batch_size", "train.epochs",
+                                                                                  "deq.eval_init")}}],
+                         ids=["phantom", "warm-adjoint"])
+def test_warm_cache_under_data_parallel_sharding_matches_one_process(tmp_path, sets):
     torch.set_num_threads(1)
-    cfg = tiny(**DDP_SETS)
+    cfg = tiny(**sets)
     one_tr = MemoryTracker()
     one_ckpt = Checkpointer(tmp_path / "one", 2)
     one = fit(cfg, build_model(cfg), load_data(cfg), one_tr, ckpt=one_ckpt)
     out = str(tmp_path / "r")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), out, sets), nprocs=2, join=True)
     ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
     np.testing.assert_allclose(ranks[0]["loss"], one_tr.series("loss"), rtol=1e-4)
     assert ranks[0]["psnr"] == pytest.approx(one["psnr"], abs=1e-3)
-    caches = [Checkpointer(f"{out}.ckpt{r}", 2).latest()["recipe"]["cache"] for r in range(2)]
-    assert torch.equal(caches[0], caches[1])  # every rank holds the whole, same cache
-    torch.testing.assert_close(caches[0], one_ckpt.latest()["recipe"]["cache"], rtol=1e-4, atol=1e-5)
+    for key in ("cache", "adjoint") if cfg.deq.b_warm_start else ("cache",):
+        caches = [Checkpointer(f"{out}.ckpt{r}", 2).latest()["recipe"][key] for r in range(2)]
+        assert torch.equal(caches[0], caches[1])  # every rank holds the whole, same cache
+        ref = one_ckpt.latest()["recipe"][key]
+        torch.testing.assert_close(caches[0], ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("lr", [1e-3, 1.0])
@@ -192,3 +203,45 @@ def test_crr_on_the_default_recipe_never_ends_below_its_frozen_deq(lr):
     assert cfg.deq.warm_start and cfg.deq.grad == "ift"
     res = fit(cfg, build_model(cfg), load_data(cfg), MemoryTracker())
     assert res["crr/gain_db"] >= -0.005 and res["psnr"] == pytest.approx(res["stage1/psnr"] + res["crr/gain_db"])
+
+
+def _grads_and_adjoint(model, x, y, z0, g0=None, b_max_iter=None):
+    """One training step's parameter gradients and adjoint (no optimiser step)."""
+    model.train()
+    if b_max_iter is not None:
+        model.deq.b_max_iter = b_max_iter
+    model.zero_grad()
+    pred, _, _ = model.solve(x, z0=z0, **({} if model.adjoint is None else {"g0": g0}))
+    torch.mean((pred - y) ** 2).backward()
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None], model.adjoint_out()
+
+
+def test_warm_started_adjoint_solved_to_convergence_is_torchdeqs_ift_gradient():
+    sets = {**WARM_IFT, "deq.b_max_iter": 200, "deq.b_tol": 0.0}
+    warm_cfg, ift_cfg = tiny(**sets), tiny(**{**sets, "deq.b_warm_start": False})
+    warm, ift, data = build_model(warm_cfg), build_model(ift_cfg), load_data(warm_cfg)
+    ift.load_state_dict(warm.state_dict())
+    z0 = torch.randn(data.coords.shape[0], warm.hidden) * 0.1
+    g0 = torch.randn(data.coords.shape[0], warm.hidden)  # any start: a converged solve forgets it
+    gw, adj = _grads_and_adjoint(warm, data.coords, data.target, z0, g0)
+    gi, _ = _grads_and_adjoint(ift, data.coords, data.target, z0)
+    assert adj is not None and adj.shape == z0.shape
+    for a, b in zip(gw, gi):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_a_short_backward_solve_from_the_cached_adjoint_beats_the_same_solve_from_zero():
+    cfg = tiny(**{**WARM_IFT, "train.epochs": 40, "train.eval_every": 40})
+    model, data = build_model(cfg), load_data(cfg)
+    recipe = Recipe(cfg.deq, data.coords.shape[0], model.hidden, torch.device("cpu"))
+    from suite.training.inr import _deq_epoch
+
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    for epoch in range(cfg.train.epochs):
+        _deq_epoch(model, opt, data, [None], 1, epoch, recipe)
+    x, y, z0 = data.coords, data.target, recipe.cache.clone()
+    _, exact = _grads_and_adjoint(model, x, y, z0, None, b_max_iter=300)
+    _, warm = _grads_and_adjoint(model, x, y, z0, recipe.adjoint.clone(), b_max_iter=2)
+    _, zero = _grads_and_adjoint(model, x, y, z0, None, b_max_iter=2)
+    err = lambda g: float((g - exact).norm() / exact.norm())  # noqa: E731
+    assert err(warm) < 0.5 * err(zero), (err(warm), err(zero))
