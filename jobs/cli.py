@@ -322,6 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
         print(f"deqbench {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if not type(err).__module__.startswith("mlflow."):
+            raise
+        # The store refused (credentials, permissions, a bad request): its first line says why. mlflow is not
+        # imported to catch its exception by class: status and table --help must stay light.
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        print(f"deqbench {args.command}: error: tracking store: {first}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

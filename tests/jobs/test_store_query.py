@@ -156,6 +156,20 @@ def test_rest_refusal_goes_to_the_client_which_says_why(store, rest, monkeypatch
     assert str(light.value) == str(client.value)  # the same error: the light path handed over to the client
 
 
+def test_a_store_that_refuses_is_one_line_from_the_cli(store, rest, monkeypatch, tmp_path, capsys):
+    from jobs.cli import main
+
+    monkeypatch.setenv("HOME", str(Path(store[0][len("sqlite:///"):]).parent))
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+    for argv in (["status", "configs/sweeps/smoke.yaml", "--runs-dir", str(tmp_path)],
+                 ["table", "--experiment", NAME, "--rows", "seed", "--metrics", "psnr"]):
+        assert main([*argv, "--tracking-uri", rest]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"deqbench {argv[0]}: error: tracking store: ") and "401" in err, err
+
+
 def test_unreachable_server_is_tracking_unavailable_after_the_patience():
     url = f"http://127.0.0.1:{_free_port()}"  # nothing listens: connection refused
     start = time.monotonic()
