@@ -33,9 +33,9 @@ class RelayTracker:
     the scheduler's metric in each one) plus ``epoch``; the trial (:func:`_relay`)
     answers ``go`` or, when ``tune.report`` stopped the trial, ``stop``. The
     scheduler left an ``early_stopped`` file in the work directory when it was
-    its decision (``ray_launcher._marking_asha``): the buffered epochs are flushed and the
-    cell ends as :class:`jobs.node.EarlyStopped` (final: running it again starts
-    afresh in a new MLflow run). Otherwise Tune is stopping every trial (Ctrl-C
+    its decision (``ray_launcher._marking_asha``): the buffered epochs are
+    flushed and the cell ends as :class:`jobs.node.EarlyStopped` (final:
+    running it again starts afresh in a new MLflow run). Otherwise Tune is stopping every trial (Ctrl-C
     on the driver, ``deqbench cancel``), as it is when the trial's process is
     gone: the cell ends as :class:`jobs.node.Interrupted`, to be resumed. The
     final metrics (``time/total_s``) end training whatever the answer.
@@ -60,7 +60,7 @@ class RelayTracker:
         if answer == "go" or "time/total_s" in metrics:  # the final metrics (DESIGN: logged once, at the end)
             return
         if answer is None:
-            raise Interrupted("its Ray trial ended (the sweep was stopped); running it again resumes")
+            raise Interrupted("its Ray trial ended (the sweep was stopped, or Ray ended the actor); running it again resumes")
         if not (self.workdir / EARLY_STOP_MARKER).exists():
             raise Interrupted("stopped by Ray Tune (the sweep was interrupted); running it again resumes")
         try:
