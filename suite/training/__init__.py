@@ -25,7 +25,9 @@ def fit(
 ) -> dict[str, float]:
     """Trains ``model`` on ``data`` as ``cfg.family`` prescribes; returns final metrics."""
     from suite.families import get_family
+    from suite.training.common import keep_cpu_heap
 
+    keep_cpu_heap()  # CPU steps reuse freed memory (no effect on results)
     return get_family(cfg.family).fit(cfg, model, data, tracker, ckpt=ckpt, outdir=outdir)
 
 

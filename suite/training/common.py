@@ -6,6 +6,8 @@
   epoch's batches and the divergence check.
 - :func:`pick_device`, :func:`rng_state` / :func:`set_rng_state`: device and
   the RNG state of a resume.
+- :func:`keep_cpu_heap`: CPU tensors of tens of MiB reuse freed heap memory
+  instead of a fresh ``mmap`` (and its page faults) per allocation.
 - :class:`PhasePeak`: peak memory of one phase (training, evaluation). Every
   family logs ``mem/peak_mb`` = the largest of its phases' peaks, measured the
   same way (see :class:`PhasePeak`).
@@ -17,6 +19,7 @@ and, under DDP, :func:`suite.training.distributed.save_checkpoint` (rank 0 write
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -166,6 +169,37 @@ def peak_memory_mb(device: torch.device) -> float:
     return _max_rss_mb()
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return None
+
+
+def keep_cpu_heap() -> bool:
+    """Makes glibc serve large allocations from the heap and keep what is freed, for this process.
+
+    glibc gives every allocation above ``M_MMAP_THRESHOLD`` (at most 32 MiB) a
+    fresh ``mmap`` and unmaps it on free, so a training step on CPU whose
+    tensors are larger (a 256×256 DEQ-INR state is 64 MiB) page-faults through
+    all of them again on every step: at 256×256 that doubled the step's CPU time
+    (BENCHMARKS.md, "CPU allocator"). With ``mmap`` off and trimming left to
+    :class:`PhasePeak` (``malloc_trim`` at each phase's start), freed blocks
+    are reused. Numbers are unchanged; only where memory comes from.
+
+    Returns:
+        Whether it applied (False where the C library is not glibc).
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def _rss_mb() -> Optional[float]:
     """Current resident set size of this process in MiB (Linux ``/proc``), else None."""
     try:
@@ -209,6 +243,9 @@ class PhasePeak:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif _rss_mb() is not None:
+            libc = _glibc()
+            if libc is not None:  # hand back what earlier phases freed (keep_cpu_heap keeps it): this phase's own peak
+                libc.malloc_trim(0)
             self._peak = _rss_mb() or 0.0
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
