@@ -198,9 +198,9 @@ def test_warm_cache_under_data_parallel_sharding_matches_one_process(tmp_path, s
 def test_crr_on_the_default_recipe_never_ends_below_its_frozen_deq(lr):
     default = load_config("configs/experiments/crr.yaml").deq
     sets = {f"deq.{k}": getattr(default, k) for k in ("warm_start", "solve_every", "solver", "f_max_iter", "grad",
-                                                    "b_solver", "b_max_iter", "eval_init")}
+                                                    "b_solver", "b_max_iter", "b_warm_start", "eval_init")}
     cfg = load_config("configs/experiments/crr_tiny.yaml", {**sets, "crr.lr": lr, "crr.epochs": 5})
-    assert cfg.deq.warm_start and cfg.deq.grad == "ift"
+    assert cfg.deq.warm_start and cfg.deq.grad == "ift" and cfg.deq.b_warm_start
     res = fit(cfg, build_model(cfg), load_data(cfg), MemoryTracker())
     assert res["crr/gain_db"] >= -0.005 and res["psnr"] == pytest.approx(res["stage1/psnr"] + res["crr/gain_db"])
 
