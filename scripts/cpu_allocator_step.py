@@ -10,7 +10,7 @@ from suite.training.common import keep_cpu_heap
 from suite.training.warm_start import Recipe
 from suite.training.inr import _deq_epoch
 if sys.argv[1] == "keep":
-    keep_cpu_heap()
+    keep_cpu_heap(True)
 torch.set_num_threads(1); torch.manual_seed(0)
 cfg = load_config("configs/experiments/deq_inr.yaml", {"data.size": 256, "model.input_scale": 128.0})
 m, d = build_model(cfg), load_data(cfg)

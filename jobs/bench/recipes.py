@@ -293,7 +293,7 @@ def main(cfg: Dict[str, Any]) -> int:
     cfg = merge_config(cfg, DEFAULTS, "bench recipes", opaque=("recipes",))
     from suite.training.common import keep_cpu_heap
 
-    keep_cpu_heap()  # as fit does: the plain loop and the suite's runs get the same allocator
+    keep_cpu_heap()  # as fit does (when asked): the plain loop and the suite's runs get the same allocator
     if cfg["probe_reps"]:
         import os
 

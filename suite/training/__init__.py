@@ -27,7 +27,7 @@ def fit(
     from suite.families import get_family
     from suite.training.common import keep_cpu_heap
 
-    keep_cpu_heap()  # CPU steps reuse freed memory (no effect on results)
+    keep_cpu_heap()  # only with $DEQBENCH_KEEP_CPU_HEAP=1: faster CPU steps, more memory (no effect on results)
     return get_family(cfg.family).fit(cfg, model, data, tracker, ckpt=ckpt, outdir=outdir)
 
 

@@ -6,8 +6,9 @@
   epoch's batches and the divergence check.
 - :func:`pick_device`, :func:`rng_state` / :func:`set_rng_state`: device and
   the RNG state of a resume.
-- :func:`keep_cpu_heap`: CPU tensors of tens of MiB reuse freed heap memory
-  instead of a fresh ``mmap`` (and its page faults) per allocation.
+- :func:`keep_cpu_heap`: opt-in (``$DEQBENCH_KEEP_CPU_HEAP=1``): CPU tensors of
+  tens of MiB reuse freed heap memory instead of a fresh ``mmap`` (and its page
+  faults) per allocation; faster, at a memory cost.
 - :class:`PhasePeak`: peak memory of one phase (training, evaluation). Every
   family logs ``mem/peak_mb`` = the largest of its phases' peaks, measured the
   same way (see :class:`PhasePeak`).
@@ -180,21 +181,31 @@ def _glibc() -> Optional[ctypes.CDLL]:
         return None
 
 
-def keep_cpu_heap() -> bool:
-    """Makes glibc serve large allocations from the heap and keep what is freed, for this process.
+KEEP_CPU_HEAP_ENV = "DEQBENCH_KEEP_CPU_HEAP"
+
+
+def keep_cpu_heap(enabled: bool | None = None) -> bool:
+    """Makes glibc serve large allocations from the heap and keep what is freed, for this process (opt-in).
 
     glibc gives every allocation above ``M_MMAP_THRESHOLD`` (at most 32 MiB) a
     fresh ``mmap`` and unmaps it on free, so a training step on CPU whose
     tensors are larger (a 256×256 DEQ-INR state is 64 MiB) page-faults through
-    all of them again on every step: at 256×256 that doubled the step's CPU time
-    (BENCHMARKS.md, "CPU allocator"). With ``mmap`` off and trimming left to
-    :class:`PhasePeak` (``malloc_trim`` at each phase's start), freed blocks
-    are reused. Numbers are unchanged; only where memory comes from.
+    all of them again on every step: at 256×256 that is 2.5× the step's CPU
+    time (BENCHMARKS.md, "CPU allocator"). With ``mmap`` off and trimming left
+    to :class:`PhasePeak` (``malloc_trim`` at each phase's start), freed blocks
+    are reused. The price is memory: the heap fragments, and a 2000-step
+    256×256 CRR run's resident set grew to 11.8 GiB. So it is off unless asked
+    for. Numbers are unchanged either way; only where memory comes from.
+
+    Args:
+        enabled: apply it; None: when ``$DEQBENCH_KEEP_CPU_HEAP`` is ``1``.
 
     Returns:
-        Whether it applied (False where the C library is not glibc).
+        Whether it applied (False when not asked, or the C library is not glibc).
     """
-    libc = _glibc()
+    if enabled is None:
+        enabled = os.environ.get(KEEP_CPU_HEAP_ENV, "").strip() == "1"
+    libc = _glibc() if enabled else None
     if libc is None:
         return False
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -5,6 +5,7 @@ import math
 
 import h5py
 import numpy as np
+import os
 import subprocess
 import sys
 
@@ -275,8 +276,9 @@ def test_phase_peak_sees_an_allocation_in_the_phase():
 FAULTS = """
 import resource, sys, torch
 from suite.training.common import keep_cpu_heap
+assert not keep_cpu_heap()  # off unless asked for
 if sys.argv[1] == "keep":
-    assert keep_cpu_heap()
+    assert keep_cpu_heap(True)
 for _ in range(5):  # warm-up
     torch.ones(80 * 2**18).sum()  # 80 MiB: above glibc's largest mmap threshold (32 MiB)
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -290,7 +292,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 def test_keep_cpu_heap_reuses_freed_memory_instead_of_faulting_it_in_again():
     faults = {}
     for mode in ("plain", "keep"):
-        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, timeout=120)
+        env = {k: v for k, v in os.environ.items() if k != "DEQBENCH_KEEP_CPU_HEAP"}
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, timeout=120, env=env)
         assert out.returncode == 0, out.stderr
         faults[mode] = int(out.stdout.strip())
     assert faults["plain"] > 10 * 1000  # a fresh mapping per 80 MiB tensor: its pages fault in each time
