@@ -89,7 +89,10 @@ def _wait_ended(ids, use_sacct, timeout=120.0):
     deadline = time.monotonic() + timeout
     while True:
         details = job_details(ids, use_sacct=use_sacct)
-        if all(failure_reason(js) or js.state == "COMPLETED" for js in details.values()):
+        # With sacct, wait for the accounting database too: until it records a job's end, squeue
+        # fills in (right, and tested below), so a busy machine can see the end there first.
+        if all((failure_reason(js) or js.state == "COMPLETED") and (not use_sacct or js.source == "sacct")
+               for js in details.values()):
             return details
         assert time.monotonic() < deadline, details
         time.sleep(0.5)
