@@ -66,13 +66,18 @@ class EarlyStopped(Exception):
 _STOP: dict[str, Any] = {"signum": None, "requeue": False}
 
 
+def stop_grace_s() -> float:
+    """Seconds a stopped node job may take to reach its next epoch end (``$DEQBENCH_STOP_GRACE_S``, 30)."""
+    return float(os.environ.get("DEQBENCH_STOP_GRACE_S", "30"))
+
+
 def _request_stop(signum: int, _frame: Any) -> None:
     first = _STOP["signum"] is None
     _STOP["signum"] = signum
     _STOP["requeue"] = _STOP["requeue"] or signum == getattr(signal, "SIGUSR2", None)
     if first and hasattr(signal, "SIGALRM"):
         signal.signal(signal.SIGALRM, _raise_interrupt)
-        signal.alarm(max(1, int(float(os.environ.get("DEQBENCH_STOP_GRACE_S", "30")))))
+        signal.alarm(max(1, int(stop_grace_s())))
     print(f"deqbench: {signal.Signals(signum).name} received; stopping after the current epoch "
           f"(checkpoint{', then requeue' if _STOP['requeue'] else ''})", file=sys.stderr, flush=True)
 

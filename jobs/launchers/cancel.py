@@ -46,7 +46,7 @@ def record_launcher(cells: list[Cell], launcher: str) -> Path:
     return path
 
 
-def _our_process(pid: Any, *markers: str) -> bool:
+def our_process(pid: Any, *markers: str) -> bool:
     """Whether ``pid`` is alive on this host and its command line holds one of ``markers``."""
     try:
         cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -61,7 +61,7 @@ def _launcher_process(sweep_dir: Path) -> dict[str, Any] | None:
         info = json.loads((sweep_dir / LAUNCHER_FILE).read_text())
     except (OSError, ValueError):
         return None
-    if info.get("host") != socket.gethostname() or not _our_process(info.get("pid"), "deqbench", "jobs.cli"):
+    if info.get("host") != socket.gethostname() or not our_process(info.get("pid"), "deqbench", "jobs.cli"):
         return None
     return info
 
@@ -81,7 +81,7 @@ def _slurm_jobs(cells: list[Cell]) -> dict[str, str]:
 
 def _stopped(pids: list[int], slurm: dict[str, str], cells: list[Cell]) -> bool:
     """Whether every signalled process has exited and every cancelled Slurm job has ended."""
-    if any(_our_process(pid, "deqbench", "jobs.cli", "jobs.node") for pid in pids):
+    if any(our_process(pid, "deqbench", "jobs.cli", "jobs.node") for pid in pids):
         return False
     return not slurm or not _slurm_jobs([c for c in cells if c.workdir in slurm])
 
@@ -113,7 +113,7 @@ def cancel_cells(cells: list[Cell], wait_s: float = 60.0) -> tuple[list[str], li
     pids = [int(launcher["pid"])] if launcher is not None else []
     for c in active:
         st = read_status(c.workdir)
-        if st.get("host") == socket.gethostname() and _our_process(st.get("pid"), "jobs.node"):
+        if st.get("host") == socket.gethostname() and our_process(st.get("pid"), "jobs.node"):
             pids.append(int(st["pid"]))
             if launcher is None:  # a node job whose launcher is gone
                 os.kill(int(st["pid"]), signal.SIGTERM)

@@ -223,6 +223,14 @@ def thread_env(threads: int) -> dict[str, str]:
             "DEQBENCH_TORCH_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
 
+def record_unreported(cell: Cell, code: int) -> str:
+    """Records FAILED for a cell whose process ended with ``code`` without reporting (killed, segfault,
+    out of memory, a full disk); returns the error recorded."""
+    error = f"node process ended with {exit_reason(code)}; see {cell.workdir}/log.txt"
+    record_end(cell, "FAILED", exit_reason(code), error)
+    return error
+
+
 def _run_one(cell: Cell, threads: int, pool: DevicePool | None = None, hide_gpus: bool = False,
              command: Command | None = None, stopper: Stopper | None = None) -> dict[str, Any]:
     """Runs one cell's process and returns its outcome.
@@ -270,9 +278,7 @@ def _run_one(cell: Cell, threads: int, pool: DevicePool | None = None, hide_gpus
             record_end(cell, "KILLED", "CANCELLED", status.get("error") if status.get("state") == "KILLED" else
                        "the sweep was stopped (Ctrl-C or deqbench cancel); running it again resumes this cell")
         elif code != 0 and status.get("state") not in ("FAILED", "KILLED"):
-            # The process died without reporting (killed, segfault, out of memory, a full disk): record it here.
-            record_end(cell, "FAILED", exit_reason(code),
-                       f"node process ended with {exit_reason(code)}; see {cell.workdir}/log.txt")
+            record_unreported(cell, code)
     except OSError as err:  # its status.json cannot be written: say why here
         return _unwritable(cell, f"node process ended with {exit_reason(code or 0)}; {err}")
     return _outcome(cell, read_status(cell.workdir))

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -270,13 +269,14 @@ def _wait_for_node(cell: Cell) -> None:
     """
     import socket
 
-    from jobs.launchers.cancel import _our_process
+    from jobs.launchers.cancel import our_process
+    from jobs.node import stop_grace_s
 
     status = read_status(cell.workdir)
     if status.get("state") != "RUNNING" or status.get("host") != socket.gethostname():
         return
-    deadline = time.monotonic() + float(os.environ.get("DEQBENCH_STOP_GRACE_S", "30")) + STOP_WAIT_S
-    while _our_process(status.get("pid"), "jobs.node") and time.monotonic() < deadline:
+    deadline = time.monotonic() + stop_grace_s() + STOP_WAIT_S
+    while our_process(status.get("pid"), "jobs.node") and time.monotonic() < deadline:
         time.sleep(0.2)
 
 

@@ -138,8 +138,7 @@ def _run_forked(cell: Cell, path: str, cpus: int) -> None:
     Raises:
         RuntimeError: the cell FAILED, or its process died without reporting (then recorded FAILED here).
     """
-    from jobs.launchers.local import Forked, exit_reason, fork_context, thread_env
-    from jobs.node import record_end
+    from jobs.launchers.local import Forked, fork_context, record_unreported, thread_env
 
     # Tune's actor reuse waits this long for the trial's thread (default 2 s, else the next trial fails).
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", str(int(STOP_WAIT_S) + 30))
@@ -154,9 +153,7 @@ def _run_forked(cell: Cell, path: str, cpus: int) -> None:
     code = proc.wait(STOP_WAIT_S if stopped else None)
     status = read_status(cell.workdir)
     if code not in (0, None) and status.get("state") not in ("FAILED", "KILLED"):
-        error = f"node process ended with {exit_reason(code)}; see {cell.workdir}/log.txt"
-        record_end(cell, "FAILED", exit_reason(code), error)
-        raise RuntimeError(f"cell {cell.hash}: {error}")
+        raise RuntimeError(f"cell {cell.hash}: {record_unreported(cell, code)}")
     if status.get("state") == "FAILED":
         raise RuntimeError(f"cell {cell.hash} failed: {status.get('error')}")
 
