@@ -21,6 +21,7 @@ and, under DDP, :func:`suite.training.distributed.save_checkpoint` (rank 0 write
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import os
@@ -173,6 +174,7 @@ def peak_memory_mb(device: torch.device) -> float:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc() -> Optional[ctypes.CDLL]:
     try:
         libc = ctypes.CDLL("libc.so.6")
