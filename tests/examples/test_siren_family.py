@@ -30,22 +30,33 @@ def deqbench(*args, cwd, timeout=600):
                           text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """The example's two families in one 2-cell sweep (built-in DEQ-INR, SIREN), 2 epochs each."""
-    tmp = tmp_path_factory.mktemp("byo")
-    small = {"train.epochs": 2, "data.size": 41}
-    spec = {
-        "name": "byo",
-        "seeds": [0],
-        "groups": [{"base": str(REPO / "configs/experiments/deq_inr_tiny.yaml"), "set": small},
-                   {"base": str(EXAMPLE), "set": {**small, "siren.omega_0": 10.0}}],
-    }
+SMALL = {"train.epochs": 2, "data.size": 41}
+
+
+def two_families(name):
+    """A 2-cell sweep of the example's two families: the built-in DEQ-INR and SIREN, 2 epochs each."""
+    return {"name": name, "seeds": [0],
+            "groups": [{"base": str(REPO / "configs/experiments/deq_inr_tiny.yaml"), "set": SMALL},
+                       {"base": str(EXAMPLE), "set": {**SMALL, "siren.omega_0": 10.0}}]}
+
+
+def run_sweep(tmp, spec, *launcher_args):
+    """Writes ``spec`` to ``tmp/sweep.yaml`` and runs it into ``tmp``'s runs and store; ``(process, uri)``.
+
+    From the repository root: the example names its file relative to the working directory.
+    """
     (tmp / "sweep.yaml").write_text(yaml.safe_dump(spec))
     uri = f"sqlite:///{tmp}/mlflow.db"
-    # from the repository root: the example names its file relative to the working directory
-    out = deqbench("sweep", tmp / "sweep.yaml", "--workers", "2", "--runs-dir", tmp / "runs", "--tracking-uri", uri,
+    out = deqbench("sweep", tmp / "sweep.yaml", *launcher_args, "--runs-dir", tmp / "runs", "--tracking-uri", uri,
                    cwd=REPO)
+    return out, uri
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """:func:`two_families` in one local sweep, 2 workers."""
+    tmp = tmp_path_factory.mktemp("byo")
+    out, uri = run_sweep(tmp, two_families("byo"), "--workers", "2")
     return tmp, uri, out
 
 
@@ -167,13 +178,9 @@ def test_spectral_report_covers_both_families(sweep):
 @pytest.mark.slurm
 def test_user_family_on_the_local_slurm(slurm_cluster, tmp_path):
     """The same node job under submitit on the real local Slurm: the reference reaches the array task."""
-    spec = {"name": "byo_slurm", "seeds": [0],
-            "groups": [{"base": str(EXAMPLE), "set": {"train.epochs": 2, "data.size": 41}}]}
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    out = deqbench("sweep", tmp_path / "sweep.yaml", "--launcher", "submitit", "--launcher-config",
-                   REPO / "configs/launchers/local_slurm.yaml", "--runs-dir", tmp_path / "runs", "--tracking-uri", uri,
-                   cwd=REPO)
+    spec = {"name": "byo_slurm", "seeds": [0], "groups": [{"base": str(EXAMPLE), "set": SMALL}]}
+    out, uri = run_sweep(tmp_path, spec, "--launcher", "submitit", "--launcher-config",
+                         REPO / "configs/launchers/local_slurm.yaml")
     assert out.returncode == 0, out.stdout + out.stderr
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("byo_slurm").experiment_id])
@@ -184,15 +191,8 @@ def test_user_family_on_the_local_slurm(slurm_cluster, tmp_path):
 @pytest.mark.slow
 def test_user_family_under_ray_next_to_a_builtin(tmp_path):
     """Ray Tune trials run the same node job: the user family and a built-in one, one sweep, one table."""
-    spec = {"name": "byo_ray", "seeds": [0],
-            "groups": [{"base": str(REPO / "configs/experiments/deq_inr_tiny.yaml"),
-                        "set": {"train.epochs": 2, "data.size": 41}},
-                       {"base": str(EXAMPLE), "set": {"train.epochs": 2, "data.size": 41, "siren.omega_0": 10.0}}]}
-    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    out = deqbench("sweep", tmp_path / "sweep.yaml", "--launcher", "ray", "--launcher-config",
-                   REPO / "configs/launchers/ray_local.yaml", "--runs-dir", tmp_path / "runs", "--tracking-uri", uri,
-                   cwd=REPO)
+    out, uri = run_sweep(tmp_path, two_families("byo_ray"), "--launcher", "ray", "--launcher-config",
+                         REPO / "configs/launchers/ray_local.yaml")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2 finished, 0 failed" in out.stdout
     client = MlflowClient(uri)
